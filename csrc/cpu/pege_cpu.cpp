@@ -1,0 +1,229 @@
+// Fused CPU kernels: one pass over memory each for forward and backward.
+//
+// Work is cut into chunks of a fixed size (never a function of the thread
+// count) so the scale/zero-point reduction is the same on 1 or N threads.
+// Inside a chunk, tiles of kTile elements first draw their Philox words
+// (one call per four elements), then walk runs of elements that share a
+// channel. The hot functions are compiled for AVX-512, AVX2 and generic
+// x86-64 and picked at load time (target_clones), so one wheel serves all.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../pege_math.h"
+#include "../pege_ops.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PEGE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PEGE_MULTIVERSION
+#endif
+
+namespace pege {
+namespace {
+
+constexpr int64_t kTile = 1024;        // elements whose words sit in one buffer
+constexpr int64_t kChunk = 64 * 1024;  // elements per parallel work item
+constexpr int kLanes = 16;             // fp32 accumulators per run
+
+// Chunks are multiples of kTile (so of 4: Philox groups never straddle two).
+// Per channel a chunk holds at least 16 elements per channel on average, so
+// the chunk x channel partials stay below numel / 16 floats.
+int64_t chunk_size(const QuantParams& p) {
+  const int64_t want = std::max<int64_t>(kChunk, 16 * p.channels);
+  return (want + kTile - 1) / kTile * kTile;
+}
+
+std::vector<Channel> channels_of(const at::Tensor& scale, const at::Tensor& zero_point,
+                                 const QuantParams& p) {
+  const float* s = scale.data_ptr<float>();
+  const float* z = zero_point.data_ptr<float>();
+  std::vector<Channel> ch(p.channels);
+  for (int64_t c = 0; c < p.channels; ++c) ch[c] = make_channel(s[c], z[c], p.qmin, p.qmax);
+  return ch;
+}
+
+// Words of elements [t0, t0 + n); t0 is a multiple of 4. Ratios 0 and 1 need
+// no random numbers: words that compare false / true against any threshold.
+inline void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParams& p) {
+  if (p.threshold == 0) {
+    std::memset(words, 0xFF, n * sizeof(uint32_t));
+  } else if (p.threshold >= (1u << 24)) {
+    std::memset(words, 0, n * sizeof(uint32_t));
+  } else {
+    const uint64_t j0 = static_cast<uint64_t>(t0) >> 2;
+    const int64_t groups = (n + 3) >> 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      const U32x4 w = mask_words(j0 + g, p.seed, p.offset);
+      for (int k = 0; k < 4; ++k) words[4 * g + k] = w.v[k];
+    }
+  }
+}
+
+// Calls f(i, len, c) for each maximal run [i, i + len) of channel c inside
+// [t0, t0 + n): one division per tile, none per element.
+template <class F>
+inline void for_each_run(int64_t t0, int64_t n, const QuantParams& p, F&& f) {
+  const int64_t end = t0 + n;
+  int64_t row = t0 / p.inner;
+  int64_t c = row % p.channels;
+  for (int64_t i = t0; i < end; ++row) {
+    const int64_t stop = std::min(end, (row + 1) * p.inner);
+    f(i, stop - i, c);
+    i = stop;
+    if (++c == p.channels) c = 0;
+  }
+}
+
+template <typename T>
+PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t end,
+                                     const Channel* ch, const QuantParams& p) {
+  alignas(64) uint32_t words[kTile];
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
+    fill_words(words, t0, n, p);
+    for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
+      const uint32_t* w = words + (i - t0);
+      const Channel chc = ch[c];
+      for (int64_t k = 0; k < len; ++k) {
+        const float xf = static_cast<float>(x[i + k]);
+        const float q = quantize(xf, chc, p.qmin, p.qmax).q;
+        y[i + k] = static_cast<T>(replaced(w[k], p.threshold) ? q : xf);
+      }
+    });
+  }
+}
+
+inline float lane_sum(const float* v) {
+  // Fixed pairwise order over the kLanes lanes.
+  float t[kLanes / 2];
+  for (int l = 0; l < kLanes / 2; ++l) t[l] = v[l] + v[l + kLanes / 2];
+  for (int w = kLanes / 4; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+  return t[0];
+}
+
+// Backward over one chunk; adds its scale / zero-point sums (before
+// grad_factor) to part_s[c], part_z[c].
+template <typename T>
+PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t begin,
+                                      int64_t end, const Channel* ch, const QuantParams& p,
+                                      float* part_s, float* part_z) {
+  alignas(64) uint32_t words[kTile];
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
+    fill_words(words, t0, n, p);
+    for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
+      const uint32_t* w = words + (i - t0);
+      const Channel chc = ch[c];
+      // Lane l accumulates elements k = l (mod kLanes) of the run: a fixed
+      // order that still vectorizes without reassociating float sums.
+      float ls[kLanes] = {}, lz[kLanes] = {};
+      auto element = [&](int64_t k, int l) {
+        const float gk = static_cast<float>(g[i + k]);
+        const float xk = static_cast<float>(x[i + k]);
+        const Grad gr = replaced_grad(gk, xk, quantize(xk, chc, p.qmin, p.qmax), chc,
+                                      p.qmin, p.qmax, p.lam, p.delta);
+        const bool m = replaced(w[k], p.threshold);
+        dx[i + k] = static_cast<T>(m ? gr.gx : gk);
+        ls[l] += m ? gr.gs : 0.0f;
+        lz[l] += m ? gr.gz : 0.0f;
+      };
+      int64_t k = 0;
+      for (; k + kLanes <= len; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) element(k + l, l);
+      for (; k < len; ++k) element(k, 0);
+      part_s[c] += lane_sum(ls);
+      part_z[c] += lane_sum(lz);
+    });
+  }
+}
+
+PEGE_MULTIVERSION void mask_chunk(bool* out, int64_t begin, int64_t end,
+                                  const QuantParams& p) {
+  alignas(64) uint32_t words[kTile];
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
+    fill_words(words, t0, n, p);
+    for (int64_t k = 0; k < n; ++k) out[t0 + k] = replaced(words[k], p.threshold);
+  }
+}
+
+template <class F>
+void for_each_chunk(const QuantParams& p, F&& f) {
+  const int64_t size = chunk_size(p);
+  const int64_t chunks = (p.numel + size - 1) / size;
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) f(k, k * size, std::min(p.numel, (k + 1) * size));
+  });
+}
+
+template <class F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: TORCH_CHECK(false, "pege: unsupported dtype ", t);
+  }
+}
+
+}  // namespace
+
+void fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
+                    const at::Tensor& zero_point, at::Tensor& y, const QuantParams& p) {
+  const auto ch = channels_of(scale, zero_point, p);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    for_each_chunk(p, [&](int64_t, int64_t b, int64_t e) {
+      forward_chunk<T>(xp, yp, b, e, ch.data(), p);
+    });
+  });
+}
+
+void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                             const at::Tensor& scale, const at::Tensor& zero_point,
+                             at::Tensor& dx, at::Tensor& dscale, at::Tensor& dzero_point,
+                             bool qparam_grad, const QuantParams& p) {
+  const auto ch = channels_of(scale, zero_point, p);
+  const int64_t chunks = (p.numel + chunk_size(p) - 1) / chunk_size(p);
+  // chunk x channel partials, summed over chunks in order afterwards.
+  std::vector<float> part_s(chunks * p.channels, 0.0f), part_z(chunks * p.channels, 0.0f);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* gp = grad.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    T* dxp = dx.data_ptr<T>();
+    for_each_chunk(p, [&](int64_t k, int64_t b, int64_t e) {
+      backward_chunk<T>(gp, xp, dxp, b, e, ch.data(), p, &part_s[k * p.channels],
+                        &part_z[k * p.channels]);
+    });
+  });
+  if (!qparam_grad) return;
+  float* ds = dscale.data_ptr<float>();
+  float* dz = dzero_point.data_ptr<float>();
+  for (int64_t c = 0; c < p.channels; ++c) {
+    double s = 0.0, z = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      s += part_s[k * p.channels + c];
+      z += part_z[k * p.channels + c];
+    }
+    ds[c] = static_cast<float>(p.grad_factor * s);
+    dz[c] = static_cast<float>(p.grad_factor * z);
+  }
+}
+
+void replacement_mask_cpu(at::Tensor& mask, const QuantParams& p) {
+  bool* out = mask.data_ptr<bool>();
+  QuantParams q = p;
+  q.channels = 1;
+  q.inner = std::max<int64_t>(p.numel, 1);
+  for_each_chunk(q, [&](int64_t, int64_t b, int64_t e) { mask_chunk(out, b, e, q); });
+}
+
+}  // namespace pege

@@ -1,0 +1,149 @@
+// The PEGE contract (docs/method.md) as inline functions shared by the CPU
+// and CUDA kernels. Every formula of the op lives here and nowhere else in
+// C++: kernels only load, call these, and store.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PEGE_HD __host__ __device__ __forceinline__
+#else
+#define PEGE_HD inline __attribute__((always_inline))
+#endif
+
+namespace pege {
+
+// ---------------------------------------------------------------- Philox
+// Philox4x32-10 (Salmon et al. 2011), the constants of Random123 and Triton.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+struct U32x4 {
+  uint32_t v[4];
+};
+
+PEGE_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+#endif
+}
+
+PEGE_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                            uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c0, hi0, lo0);
+    mulhilo32(kPhiloxM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  return U32x4{{c0, c1, c2, c3}};
+}
+
+// The four Philox words of element group j = i >> 2 (elements 4j .. 4j+3):
+// key = seed, counter = (j, offset), both split into 32-bit halves.
+PEGE_HD U32x4 mask_words(uint64_t j, uint64_t seed, uint64_t offset) {
+  return philox4x32_10(static_cast<uint32_t>(j), static_cast<uint32_t>(j >> 32),
+                       static_cast<uint32_t>(offset),
+                       static_cast<uint32_t>(offset >> 32),
+                       static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32));
+}
+
+// m_i = (u_i < T), u_i the top 24 bits of the element's word; T = round(r*2^24).
+PEGE_HD bool replaced(uint32_t word, uint32_t threshold) {
+  return (word >> 8) < threshold;
+}
+
+// ---------------------------------------------------------------- quantizer
+// Per-channel constants, computed once per channel.
+struct Channel {
+  float s;     // scale
+  float inv;   // 1.0f / s, in fp32 as torch's fake quant does
+  float zi;    // clamp(nearbyint(z), qmin, qmax)
+};
+
+PEGE_HD float round_half_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return __builtin_nearbyintf(v);
+#endif
+}
+
+PEGE_HD Channel make_channel(float s, float z, float qmin, float qmax) {
+  float zi = round_half_even(z);
+  zi = zi < qmin ? qmin : (zi > qmax ? qmax : zi);
+  return Channel{s, 1.0f / s, zi};
+}
+
+// Everything the forward and backward need of one element.
+struct Quant {
+  float q;     // (clamp(t) - zi) * s
+  bool below;  // t < qmin
+  bool above;  // t > qmax
+};
+
+// t = nearbyint(x * inv) + zi. The clamp is written with comparisons, not
+// fminf/fmaxf, so a NaN x stays NaN in q; NaN counts as "in range" (neither
+// below nor above), which makes it propagate into dx and the scale gradient.
+PEGE_HD Quant quantize(float x, Channel ch, float qmin, float qmax) {
+  const float t = round_half_even(x * ch.inv) + ch.zi;
+  const bool below = t < qmin;
+  const bool above = t > qmax;
+  const float c = below ? qmin : (above ? qmax : t);
+  return Quant{(c - ch.zi) * ch.s, below, above};
+}
+
+PEGE_HD float sign_of(float g) {
+  return g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : 0.0f);
+}
+
+// The per-element backward of a replaced element (m_i = 1):
+//   gx  = g * in_range * (1 + delta * sign(g) * (x - q) * inv) + lam * (x - q)
+//   gq  = g + lam * (q - x)        (upstream of dq/ds and dq/dz)
+//   gs += gq * dq/ds,  gz += gq * dq/dz  (grad_factor is applied once, after
+//                                          the reduction)
+// lam == 0 skips the lam terms entirely, so an infinite x (out of range,
+// x - q = inf) still gives finite gradients, as torch's learnable op does.
+struct Grad {
+  float gx;
+  float gs;  // gq * dq/ds
+  float gz;  // gq * dq/dz
+};
+
+PEGE_HD Grad replaced_grad(float g, float x, Quant qu, Channel ch, float qmin,
+                           float qmax, float lam, float delta) {
+  const float e = x - qu.q;
+  const bool in_range = !(qu.below || qu.above);
+  float gx = in_range ? g * (1.0f + delta * sign_of(g) * e * ch.inv) : 0.0f;
+  float gq = g;
+  if (lam != 0.0f) {
+    gx = gx + lam * e;
+    gq = g + lam * (qu.q - x);
+  }
+  const float dqds = in_range ? (qu.q - x) * ch.inv
+                              : (qu.below ? qmin - ch.zi : qmax - ch.zi);
+  const float dqdz = in_range ? 0.0f : -ch.s;
+  return Grad{gx, gq * dqds, gq * dqdz};
+}
+
+}  // namespace pege

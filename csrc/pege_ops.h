@@ -1,0 +1,47 @@
+// Op parameters shared by the checks (pege_ops.cpp) and the launchers
+// (cpu/pege_cpu.cpp, cuda/pege_cuda.cu).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace pege {
+
+// x is walked as its contiguous copy; element i belongs to channel
+// (i / inner) % channels (per-tensor: channels = 1, inner = numel).
+struct QuantParams {
+  int64_t numel;
+  int64_t channels;
+  int64_t inner;
+  float qmin, qmax;
+  uint32_t threshold;  // round(ratio * 2^24), in [0, 2^24]
+  uint64_t seed, offset;
+  float lam, delta, grad_factor;
+};
+
+// y = m ? q : x. x contiguous; y preallocated like x.
+void fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
+                    const at::Tensor& zero_point, at::Tensor& y,
+                    const QuantParams& p);
+// dx, and (when qparam_grad) dscale and dzero_point, all preallocated.
+void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                             const at::Tensor& scale,
+                             const at::Tensor& zero_point, at::Tensor& dx,
+                             at::Tensor& dscale, at::Tensor& dzero_point,
+                             bool qparam_grad, const QuantParams& p);
+void replacement_mask_cpu(at::Tensor& mask, const QuantParams& p);
+
+#ifdef PEGE_WITH_CUDA
+void fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
+                     const at::Tensor& zero_point, at::Tensor& y,
+                     const QuantParams& p);
+void fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                              const at::Tensor& scale,
+                              const at::Tensor& zero_point, at::Tensor& dx,
+                              at::Tensor& dscale, at::Tensor& dzero_point,
+                              bool qparam_grad, const QuantParams& p);
+void replacement_mask_cuda(at::Tensor& mask, const QuantParams& p);
+#endif
+
+}  // namespace pege

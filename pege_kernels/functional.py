@@ -1,0 +1,123 @@
+"""Public functional API: fake_quantize, replacement_mask, available_backends."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import ops, reference
+from ._checks import check_int, check_scale_values, ratio_to_threshold, validate
+
+try:  # Triton is optional (CPU-only torch wheels come without it).
+    from . import triton_fq
+except ImportError:  # pragma: no cover - depends on the install
+    triton_fq = None
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_HOW_TO_BUILD = {
+    "cpu": "build the extension with a C++ compiler and torch installed: "
+           "`pip install --no-build-isolation .` (or `make build`)",
+    "cuda": "build the extension where torch has CUDA and a CUDA toolkit is found "
+            "(set CUDA_HOME and TORCH_CUDA_ARCH_LIST; not PEGE_FORCE_CPU=1), "
+            "and pass CUDA tensors",
+    "triton": "install triton and pass CUDA tensors, or set TRITON_INTERPRET=1 before "
+              "importing pege_kernels to run Triton's interpreter on CPU tensors",
+}
+_warned_fallback = False
+
+
+def _supports(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return ops.HAS_EXTENSION and device.type == "cpu"
+    if backend == "cuda":
+        return ops.has_cuda_kernels() and device.type == "cuda"
+    return triton_fq is not None and triton_fq.supports(device)
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process: "reference" always; "cpu" when the
+    extension is built; "cuda" when it has CUDA kernels and a GPU is present;
+    "triton" when Triton can launch (a GPU, or TRITON_INTERPRET=1 on CPU)."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return [b for b in BACKENDS if any(_supports(b, d) for d in devices)]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on `device`: "auto" picks the fastest available
+    (cpu on CPU; cuda, then triton on GPU) and falls back to "reference" with
+    one warning; a named backend that cannot run raises with how to build it."""
+    global _warned_fallback
+    if backend == "auto":
+        for b in (("cpu",) if device.type == "cpu" else ("cuda", "triton")):
+            if _supports(b, device):
+                return b
+        if not _warned_fallback:
+            _warned_fallback = True
+            why = f" ({ops.EXTENSION_ERROR})" if ops.EXTENSION_ERROR else ""
+            warnings.warn(f"pege_kernels: no fused kernel for {device.type} tensors{why}; "
+                          "falling back to the slow 'reference' backend.", stacklevel=3)
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if not _supports(backend, device):
+        raise RuntimeError(f"backend {backend!r} cannot run on {device.type} tensors here. "
+                           f"To use it, {_HOW_TO_BUILD[backend]}.")
+    return backend
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  quant_min: int, quant_max: int, *, ratio: float = 1.0, seed: int = 0,
+                  offset: int = 0, lam: float = 0.0, delta: float = 0.0,
+                  grad_factor: float = 1.0, axis: int | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """PEGE fake quantization: y = m ? Q(x) : x, m the replacement mask.
+
+    x: float32/float16/bfloat16, any shape and strides (computed in fp32).
+    scale, zero_point: float32 on x's device; one element (axis=None) or
+    x.shape[axis] elements (per-channel). zero_point is used as
+    clamp(round(zero_point), quant_min, quant_max).
+    ratio: fraction of elements replaced (mask threshold round(ratio * 2^24));
+    (seed, offset) select the mask. lam: weight of the discretization error,
+    delta: EWGS scaling, grad_factor: LSQ gradient scale of scale/zero_point.
+
+    Returns a contiguous tensor of x's shape and dtype. Gradients flow to x,
+    scale and zero_point (whichever require grad). Saved for backward: x,
+    scale and zero_point only; the mask is regenerated from (seed, offset).
+    Scale values are checked (> 0, finite) when scale is on the CPU; on a GPU
+    that check would cost a host sync, so a bad GPU scale gives inf/NaN
+    outputs instead of an error.
+    """
+    threshold, axis = validate(x, scale, zero_point, quant_min, quant_max, ratio, seed,
+                               offset, lam, delta, grad_factor, axis)
+    args = (x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
+            float(lam), float(delta), float(grad_factor))
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        check_scale_values(scale)
+        return reference.FakeQuantize.apply(*args)
+    if name == "triton":
+        return triton_fq.fake_quant(*args)
+    return torch.ops.pege.fake_quant(*args)
+
+
+def replacement_mask(shape, ratio: float, seed: int, offset: int = 0, device=None, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """The replacement mask m (torch.bool, `shape`) that fake_quantize uses
+    for (ratio, seed, offset): identical on every backend."""
+    threshold = ratio_to_threshold(ratio)
+    check_int("seed", seed, 0, 1 << 63)
+    check_int("offset", offset, 0, 1 << 63)
+    device = torch.device(device if device is not None else "cpu")
+    shape = torch.Size(shape)
+    name = resolve_backend(backend, device)
+    if name == "reference":
+        return reference.replacement_mask(shape, threshold, seed, offset, device)
+    # A zero-stride stand-in carries shape and device without memory.
+    like = torch.empty((), device=device).expand(shape)
+    if name == "triton":
+        return triton_fq.replacement_mask(like, threshold, seed, offset)
+    return torch.ops.pege.replacement_mask(like, threshold, seed, offset)
