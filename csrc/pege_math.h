@@ -24,19 +24,55 @@ struct U32x4 {
   uint32_t v[4];
 };
 
-PEGE_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+PEGE_HD void mulhilo32(uint32_t m, uint32_t a, uint32_t& hi, uint32_t& lo) {
 #if defined(__CUDA_ARCH__)
-  hi = __umulhi(a, b);
-  lo = a * b;
+  hi = __umulhi(m, a);
+  lo = m * a;
 #else
-  const uint64_t p = static_cast<uint64_t>(a) * b;
+  const uint64_t p = static_cast<uint64_t>(m) * a;
   hi = static_cast<uint32_t>(p >> 32);
   lo = static_cast<uint32_t>(p);
 #endif
 }
 
-PEGE_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                            uint32_t k0, uint32_t k1) {
+#if !defined(__CUDACC__)
+// W independent Philox counters at once for the CPU kernels. Written as
+// loops over lanes so GCC's vectorizer sees a widening 32x32->64 multiply
+// ((v)pmuludq); W = 64 keeps four vector chains in flight, since one chain
+// of ten rounds is latency-bound.
+template <int W>
+struct Lanes {
+  uint32_t v[W];
+};
+
+template <int W>
+PEGE_HD void mulhilo32(uint32_t m, const Lanes<W>& a, Lanes<W>& hi, Lanes<W>& lo) {
+  for (int l = 0; l < W; ++l) {
+    const uint64_t p = static_cast<uint64_t>(m) * a.v[l];
+    hi.v[l] = static_cast<uint32_t>(p >> 32);
+    lo.v[l] = static_cast<uint32_t>(p);
+  }
+}
+
+template <int W>
+PEGE_HD Lanes<W> operator^(const Lanes<W>& a, const Lanes<W>& b) {
+  Lanes<W> r;
+  for (int l = 0; l < W; ++l) r.v[l] = a.v[l] ^ b.v[l];
+  return r;
+}
+
+template <int W>
+PEGE_HD Lanes<W> operator^(const Lanes<W>& a, uint32_t b) {
+  Lanes<W> r;
+  for (int l = 0; l < W; ++l) r.v[l] = a.v[l] ^ b;
+  return r;
+}
+#endif
+
+// The ten rounds on a counter (c0..c3) with key (k0, k1); U is uint32_t or a
+// vector of lanes, each lane an independent counter.
+template <typename U>
+PEGE_HD void philox_rounds(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -45,16 +81,21 @@ PEGE_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    uint32_t hi0, lo0, hi1, lo1;
+    U hi0, lo0, hi1, lo1;
     mulhilo32(kPhiloxM0, c0, hi0, lo0);
     mulhilo32(kPhiloxM1, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    const U n0 = hi1 ^ c1 ^ k0;
+    const U n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
     c1 = lo1;
     c2 = n2;
     c3 = lo0;
   }
+}
+
+PEGE_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                            uint32_t k0, uint32_t k1) {
+  philox_rounds(c0, c1, c2, c3, k0, k1);
   return U32x4{{c0, c1, c2, c3}};
 }
 
@@ -134,12 +175,11 @@ PEGE_HD Grad replaced_grad(float g, float x, Quant qu, Channel ch, float qmin,
                            float qmax, float lam, float delta) {
   const float e = x - qu.q;
   const bool in_range = !(qu.below || qu.above);
-  float gx = in_range ? g * (1.0f + delta * sign_of(g) * e * ch.inv) : 0.0f;
-  float gq = g;
-  if (lam != 0.0f) {
-    gx = gx + lam * e;
-    gq = g + lam * (qu.q - x);
-  }
+  const bool with_lam = lam != 0.0f;
+  // Selects only (no branches), so that CPU loops vectorize.
+  const float gx_in = in_range ? g * (1.0f + delta * sign_of(g) * e * ch.inv) : 0.0f;
+  const float gx = with_lam ? gx_in + lam * e : gx_in;
+  const float gq = with_lam ? g + lam * (qu.q - x) : g;
   const float dqds = in_range ? (qu.q - x) * ch.inv
                               : (qu.below ? qmin - ch.zi : qmax - ch.zi);
   const float dqdz = in_range ? 0.0f : -ch.s;

@@ -48,18 +48,52 @@ std::vector<Channel> channels_of(const at::Tensor& scale, const at::Tensor& zero
 
 // Words of elements [t0, t0 + n); t0 is a multiple of 4. Ratios 0 and 1 need
 // no random numbers: words that compare false / true against any threshold.
-inline void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParams& p) {
+// Otherwise W groups (4 * W elements) per philox_rounds call; kTile
+// is a multiple of that, so the buffer holds the overshoot.
+PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParams& p) {
+  constexpr int W = 64;
+  static_assert(kTile % (4 * W) == 0, "fill_words writes whole blocks");
   if (p.threshold == 0) {
     std::memset(words, 0xFF, n * sizeof(uint32_t));
-  } else if (p.threshold >= (1u << 24)) {
+    return;
+  }
+  if (p.threshold >= (1u << 24)) {
     std::memset(words, 0, n * sizeof(uint32_t));
-  } else {
-    const uint64_t j0 = static_cast<uint64_t>(t0) >> 2;
-    const int64_t groups = (n + 3) >> 2;
-    for (int64_t g = 0; g < groups; ++g) {
-      const U32x4 w = mask_words(j0 + g, p.seed, p.offset);
-      for (int k = 0; k < 4; ++k) words[4 * g + k] = w.v[k];
+    return;
+  }
+  const uint64_t j0 = static_cast<uint64_t>(t0) >> 2;
+  const int64_t groups = (n + 3) >> 2;
+  for (int64_t g = 0; g < groups; g += W) {
+    Lanes<W> c0, c1, c2, c3;
+    for (int l = 0; l < W; ++l) {
+      const uint64_t j = j0 + g + l;
+      c0.v[l] = static_cast<uint32_t>(j);
+      c1.v[l] = static_cast<uint32_t>(j >> 32);
+      c2.v[l] = static_cast<uint32_t>(p.offset);
+      c3.v[l] = static_cast<uint32_t>(p.offset >> 32);
     }
+    philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(p.seed),
+                  static_cast<uint32_t>(p.seed >> 32));
+    uint32_t* out = words + 4 * g;
+    for (int l = 0; l < W; ++l) {
+      out[4 * l + 0] = c0.v[l];
+      out[4 * l + 1] = c1.v[l];
+      out[4 * l + 2] = c2.v[l];
+      out[4 * l + 3] = c3.v[l];
+    }
+  }
+}
+
+// Starts the loads of a tile's lines before its Philox words are drawn, so
+// memory traffic overlaps that compute instead of following it.
+template <typename T>
+PEGE_HD void prefetch(const T* p, int64_t n, bool for_write) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t k = 0; k < n; k += kLine) {
+    if (for_write)
+      __builtin_prefetch(p + k, 1, 3);
+    else
+      __builtin_prefetch(p + k, 0, 3);
   }
 }
 
@@ -81,17 +115,22 @@ inline void for_each_run(int64_t t0, int64_t n, const QuantParams& p, F&& f) {
 template <typename T>
 PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t end,
                                      const Channel* ch, const QuantParams& p) {
+  // Locals, not p.*: stores through y (float*) could alias p's floats.
+  const float qmin = p.qmin, qmax = p.qmax;
+  const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
+    prefetch(x + t0, n, false);
+    prefetch(y + t0, n, true);
     fill_words(words, t0, n, p);
     for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
       const uint32_t* w = words + (i - t0);
       const Channel chc = ch[c];
       for (int64_t k = 0; k < len; ++k) {
         const float xf = static_cast<float>(x[i + k]);
-        const float q = quantize(xf, chc, p.qmin, p.qmax).q;
-        y[i + k] = static_cast<T>(replaced(w[k], p.threshold) ? q : xf);
+        const float q = quantize(xf, chc, qmin, qmax).q;
+        y[i + k] = static_cast<T>(replaced(w[k], thr) ? q : xf);
       }
     });
   }
@@ -112,9 +151,14 @@ template <typename T>
 PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t begin,
                                       int64_t end, const Channel* ch, const QuantParams& p,
                                       float* part_s, float* part_z) {
+  const float qmin = p.qmin, qmax = p.qmax, lam = p.lam, delta = p.delta;
+  const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
+    prefetch(g + t0, n, false);
+    prefetch(x + t0, n, false);
+    prefetch(dx + t0, n, true);
     fill_words(words, t0, n, p);
     for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
       const uint32_t* w = words + (i - t0);
@@ -125,12 +169,16 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
       auto element = [&](int64_t k, int l) {
         const float gk = static_cast<float>(g[i + k]);
         const float xk = static_cast<float>(x[i + k]);
-        const Grad gr = replaced_grad(gk, xk, quantize(xk, chc, p.qmin, p.qmax), chc,
-                                      p.qmin, p.qmax, p.lam, p.delta);
-        const bool m = replaced(w[k], p.threshold);
+        const Grad gr = replaced_grad(gk, xk, quantize(xk, chc, qmin, qmax), chc, qmin,
+                                      qmax, lam, delta);
+        const bool m = replaced(w[k], thr);
         dx[i + k] = static_cast<T>(m ? gr.gx : gk);
-        ls[l] += m ? gr.gs : 0.0f;
-        lz[l] += m ? gr.gz : 0.0f;
+        // Temporaries, not `ls[l] += m ? a : 0`: GCC reads the latter as a
+        // conditional store and gives up vectorizing the loop.
+        const float add_s = m ? gr.gs : 0.0f;
+        const float add_z = m ? gr.gz : 0.0f;
+        ls[l] = ls[l] + add_s;
+        lz[l] = lz[l] + add_z;
       };
       int64_t k = 0;
       for (; k + kLanes <= len; k += kLanes)
