@@ -76,6 +76,7 @@ def check_scale_values(scale: torch.Tensor) -> None:
     would cost a host sync. Skipped while torch.compile traces (no data)."""
     if scale.device.type != "cpu" or torch.compiler.is_compiling():
         return
+    scale = scale.detach()  # isfinite on a grad-requiring tensor records an abs
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bool(bad.any()):
         i = int(bad.reshape(-1).nonzero()[0])

@@ -40,6 +40,12 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
+# Under torch.compile the words are computed eagerly: each Philox round reads
+# its inputs several times, and inductor's inlining of the ten-round integer
+# DAG grows exponentially (a cold compile of it did not finish in 10 minutes).
+# So torch.compile(fullgraph=True) needs a fused backend; the reference
+# compiles with this one graph break.
+@torch.compiler.disable
 def mask_words(numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
     """The Philox word of each element 0..numel-1 (int64 holding uint32).
 

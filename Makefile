@@ -1,0 +1,70 @@
+# make test   create .venv if missing, install, build, run pytest + CTest, then
+#             the suite again on an installed CPU-only wheel and on a wheel
+#             built with no compiler (the "reference" fallback)
+# make demo   the main job (for now: the kernel benchmark on a small size)
+# make bench  the full CPU benchmark (README's figures)
+# make gpu-check OUT=dir   on a machine with a GPU: build for sm_90, tests, GPU benchmarks
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(abspath $(VENV))/bin/python
+# torch guesses a wrong CUDA home from the nvcc wrapper on PATH.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+export CUDA_HOME
+# Benchmarks and the demo use torch's huge-page allocator knob, so fresh
+# large outputs do not pay a page fault per 4 KiB (applies to every baseline).
+export THP_MEM_ALLOC_ENABLE ?= 1
+WHEEL_VENV := build/venv-wheel
+OUT ?= results
+
+.PHONY: all deps build test pytest ctest wheel-check demo bench gpu-check clean
+
+all: build
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.deps
+
+build: deps
+	PEGE_REQUIRE_EXTENSION=1 $(PY) setup.py -q build_ext --inplace
+
+test: build pytest ctest wheel-check
+
+pytest: build
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests
+
+ctest: deps
+	$(VENV)/bin/cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(PY) > build/cmake.log
+	$(VENV)/bin/cmake --build build/cmake -j 2 >> build/cmake.log
+	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
+
+# A fresh venv sharing .venv's packages (torch) through a .pth file; the
+# wheels are installed into it and the suite runs from outside the tree.
+wheel-check: deps
+	rm -rf build/wheels $(WHEEL_VENV) && mkdir -p build/wheels/cpu build/wheels/nocc
+	PEGE_FORCE_CPU=1 PEGE_REQUIRE_EXTENSION=1 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w build/wheels/cpu .
+	CC=false CXX=false PEGE_FORCE_CPU=1 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w build/wheels/nocc .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(WHEEL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps build/wheels/cpu/*.whl
+	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk, torch; assert pk.available_backends() == ["reference", "cpu"], pk.available_backends(); print("smoke:", pk.fake_quantize(torch.randn(4), torch.tensor([0.1]), torch.tensor([0.0]), -8, 7))'
+	cd build && PEGE_EXPECT_CUDA_KERNELS=0 ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider ../tests
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --force-reinstall build/wheels/nocc/*.whl
+	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk; assert pk.available_backends() == ["reference"], pk.available_backends()'
+	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider ../tests
+
+demo: build
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --sizes 1M,16M --dtypes float32 --modes per-tensor --out $(OUT)/demo-bench
+
+bench: build
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --out $(OUT)/bench
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(OUT)
+
+clean:
+	rm -rf build dist *.egg-info pege_kernels/_C*.so results

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+import pege_kernels as pk
+
+# Fused backends that run on CPU tensors here (triton only under TRITON_INTERPRET=1).
+CPU_KERNELS = [b for b in ("cpu", "triton") if b in pk.available_backends()]
+
+
+def kernel_backends():
+    """Parametrize over the fused CPU backends; an empty list skips the test."""
+    return pytest.mark.parametrize("backend", CPU_KERNELS or [pytest.param(
+        None, marks=pytest.mark.skip(reason="no fused backend built here"))])
+
+
+def qparams(channels=1, scale=0.05, zero_point=3.0, per_channel=False, device="cpu"):
+    """scale/zero-point tensors: per-tensor [1] or per-channel [channels] with
+    varied values (scales are not powers of two, zero points differ)."""
+    if not per_channel:
+        return (torch.tensor([scale], device=device), torch.tensor([zero_point], device=device))
+    c = torch.arange(channels, dtype=torch.float32, device=device)
+    return scale * (1 + 0.37 * (c % 5)), zero_point + (c % 3) - 1
+
+
+def run(backend, x, scale, zp, qmin=-8, qmax=7, grad=None, **kw):
+    """(y, dx, dscale, dzp) of fake_quantize on `backend`."""
+    x = x.detach().clone().requires_grad_(True)
+    s = scale.detach().clone().requires_grad_(True)
+    z = zp.detach().clone().requires_grad_(True)
+    y = pk.fake_quantize(x, s, z, qmin, qmax, backend=backend, **kw)
+    if grad is None:
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    y.backward(grad)
+    return y.detach(), x.grad, s.grad, z.grad

@@ -1,0 +1,58 @@
+"""The random numbers: Philox known answers, mask statistics and agreement."""
+import math
+
+import pytest
+import torch
+
+import pege_kernels as pk
+from pege_kernels.reference import philox4x32_10
+
+from conftest import kernel_backends
+
+# Random123's philox4x32_10 known-answer vectors: (counter, key) -> words.
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_known_answers(ctr, key, expected):
+    words = philox4x32_10(*(torch.tensor([c]) for c in ctr), *key)
+    assert tuple(int(w) for w in words) == expected
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_mask_fraction_within_binomial_bounds(ratio):
+    n = 1 << 16
+    frac = pk.replacement_mask((n,), ratio, seed=3, backend="reference").float().mean().item()
+    p = round(ratio * 2**24) / 2**24
+    assert abs(frac - p) <= 6 * math.sqrt(p * (1 - p) / n) + 1e-12
+
+
+def test_masks_nested_as_ratio_grows():
+    masks = [pk.replacement_mask((5000,), r, seed=9, offset=4, backend="reference")
+             for r in (0.1, 0.3, 0.6, 0.95)]
+    for small, big in zip(masks, masks[1:]):
+        assert bool((small & ~big).sum() == 0) and big.sum() > small.sum()
+
+
+def test_other_seed_or_offset_gives_other_mask():
+    m = pk.replacement_mask((4096,), 0.5, seed=1, offset=2, backend="reference")
+    assert not torch.equal(m, pk.replacement_mask((4096,), 0.5, seed=2, offset=2, backend="reference"))
+    assert not torch.equal(m, pk.replacement_mask((4096,), 0.5, seed=1, offset=3, backend="reference"))
+    # seed and offset above 32 bits use their high words too
+    assert not torch.equal(m, pk.replacement_mask((4096,), 0.5, seed=1 + 2**32, offset=2,
+                                                  backend="reference"))
+    assert not torch.equal(m, pk.replacement_mask((4096,), 0.5, seed=1, offset=2 + 2**32,
+                                                  backend="reference"))
+
+
+@kernel_backends()
+@pytest.mark.parametrize("shape", [(0,), (1,), (3,), (1023,), (4097,), (7, 33, 5)])
+@pytest.mark.parametrize("seed,offset", [(0, 0), (12345, 678), (2**40 + 7, 2**33 + 1)])
+def test_masks_bit_identical_across_backends(backend, shape, seed, offset):
+    ref = pk.replacement_mask(shape, 0.37, seed, offset, backend="reference")
+    assert torch.equal(pk.replacement_mask(shape, 0.37, seed, offset, backend=backend), ref)
