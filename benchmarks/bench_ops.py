@@ -1,0 +1,259 @@
+"""Kernel benchmark: the PEGE op against STE-family baselines and a copy.
+
+For each size, dtype and quantization mode, times forward, backward and
+forward+backward (best of --reps after one warm-up), and reports effective
+GB/s = minimal bytes / time (fwd: read x + write y; bwd: read dy + read x +
+write dx) and that as % of a plain copy (x.clone(), which allocates its output
+like the op does) of the same tensor, measured in the same run. Also reports
+the bytes each method saves for backward per element of x. Prints a markdown
+table and writes results.csv, saved_bytes.csv and gbps.png to --out.
+
+    python benchmarks/bench_ops.py --sizes 64M --dtypes float32 --modes per-tensor
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import pege_kernels as pk
+
+QMIN, QMAX = -8, 7
+PEGE = dict(ratio=0.5, lam=0.1, seed=1, offset=0)  # PEGE settings mid-curriculum
+
+
+def ste_lsq(x, s, z, axis):
+    """STE with learnable scale in plain PyTorch: the .detach() rounding trick."""
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    zi = z + (z.round() - z).detach()
+    v = x / s + zi
+    t = v + (v.round() - v).detach()
+    return ((t.clamp(QMIN, QMAX) - zi) * s).to(x.dtype)
+
+
+def methods(device, axis, backends):
+    """name -> f(x, s, z) returning y (differentiable where the method is)."""
+    def pege(backend):
+        return lambda x, s, z: pk.fake_quantize(x, s, z, QMIN, QMAX, axis=axis,
+                                                backend=backend, **PEGE)
+
+    out = {f"pege {b}": pege(b) for b in backends}
+    out["reference eager"] = pege("reference")
+    out["reference compiled"] = torch.compile(pege("reference"))
+    out["STE detach (LSQ)"] = lambda x, s, z: ste_lsq(x, s, z, axis)
+    if axis is None:
+        out["torch fake_quant"] = lambda x, s, z: torch.fake_quantize_per_tensor_affine(
+            x, s.detach(), z.detach().round().int(), QMIN, QMAX)
+        out["torch learnable"] = lambda x, s, z: \
+            torch._fake_quantize_learnable_per_tensor_affine(x, s, z, QMIN, QMAX, 1.0)
+    else:
+        out["torch fake_quant"] = lambda x, s, z: torch.fake_quantize_per_channel_affine(
+            x, s.detach(), z.detach().round().int(), axis, QMIN, QMAX)
+        out["torch learnable"] = lambda x, s, z: \
+            torch._fake_quantize_learnable_per_channel_affine(x, s, z, axis, QMIN, QMAX, 1.0)
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device, reps, min_total=0.25, max_reps=100):
+    """Best of at least `reps` runs, repeated until min_total seconds pass."""
+    fn()
+    sync(device)
+    times = []
+    while len(times) < reps or (sum(times) < min_total and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def inputs(n, dtype, axis, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shape = (n,) if axis is None else (256, n // 256)
+    x = (torch.randn(shape, generator=g) * 0.5).to(device=device, dtype=dtype)
+    dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    c = 1 if axis is None else shape[axis]
+    s = torch.full((c,), 0.05, device=device)
+    z = torch.zeros(c, device=device)
+    return x, dy, s, z
+
+
+def time_method(f, x, dy, s, z, device, reps):
+    """{pass: seconds}; a pass the method does not support is left out."""
+    xs, ss, zs = (t.detach().clone().requires_grad_(True) for t in (x, s, z))
+    out = {}
+    try:
+        out["fwd"] = best_time(lambda: f(xs, ss, zs), device, reps)
+        y = f(xs, ss, zs)
+        grads = [t for t in (xs, ss, zs)]
+        out["bwd"] = best_time(
+            lambda: torch.autograd.grad(y, grads, dy, retain_graph=True, allow_unused=True),
+            device, reps)
+        del y
+        out["full"] = best_time(
+            lambda: torch.autograd.grad(f(xs, ss, zs), grads, dy, allow_unused=True),
+            device, reps)
+    except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype a baseline lacks
+        out["error"] = str(err).splitlines()[0][:80]
+    return out
+
+
+def saved_bytes_per_element(f, x, s, z):
+    xs, ss, zs = (t.detach().clone().requires_grad_(True) for t in (x, s, z))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(xs, ss, zs)
+    return sum(saved) / x.numel()
+
+
+def parse_size(text):
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    return int(float(text.rstrip("KMG")) * mult)
+
+
+def describe(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{cpu}, {torch.get_num_threads()} threads"
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return (f"device: {name}; torch {torch.__version__}; triton {tv}; "
+            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", default="1M,16M,64M")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--modes", default="per-tensor,per-channel")
+    ap.add_argument("--backends", default=None,
+                    help="fused pege backends to time (default: those available)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated method names to leave out")
+    ap.add_argument("--out", default="results/bench")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    fused = [b for b in pk.available_backends() if b != "reference"
+             and pk.functional._supports(b, device)]
+    backends = args.backends.split(",") if args.backends else fused
+    skip = set(filter(None, args.skip.split(",")))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = describe(device)
+    print(header)
+    rows, saved_rows = [], []
+    for mode in args.modes.split(","):
+        axis = None if mode == "per-tensor" else 0
+        meths = {k: v for k, v in methods(device, axis, backends).items() if k not in skip}
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            for size_text in args.sizes.split(","):
+                n = parse_size(size_text)
+                x, dy, s, z = inputs(n, dtype, axis, device)
+                e = x.element_size()
+                copy_s = best_time(lambda: x.clone(), device, args.reps)
+                copy_gbps = 2 * e * n / copy_s / 1e9
+                rows.append(dict(mode=mode, dtype=dtype_name, size=size_text, method="copy",
+                                 pass_="fwd", ms=copy_s * 1e3, gbps=copy_gbps, pct_copy=100.0))
+                for name, f in meths.items():
+                    res = time_method(f, x, dy, s, z, device, args.reps)
+                    if "error" in res:
+                        print(f"  {name} {mode} {dtype_name} {size_text}: n/a ({res['error']})")
+                    for pass_, sec in res.items():
+                        if pass_ == "error":
+                            continue
+                        nbytes = {"fwd": 2, "bwd": 3, "full": 5}[pass_] * e * n
+                        gbps = nbytes / sec / 1e9
+                        rows.append(dict(mode=mode, dtype=dtype_name, size=size_text,
+                                         method=name, pass_=pass_, ms=sec * 1e3, gbps=gbps,
+                                         pct_copy=100 * gbps / copy_gbps))
+                    if size_text == args.sizes.split(",")[0] and "error" not in res:
+                        saved_rows.append(dict(mode=mode, dtype=dtype_name, method=name,
+                                               bytes_per_element=saved_bytes_per_element(
+                                                   f, x, s, z)))
+                print(f"done: {mode} {dtype_name} {size_text}", flush=True)
+    write(rows, saved_rows, out_dir, header)
+
+
+def write(rows, saved_rows, out_dir, header):
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out_dir / "saved_bytes.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(saved_rows[0]))
+        w.writeheader()
+        w.writerows(saved_rows)
+    print("\n| mode | dtype | size | method | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s "
+          "| % of copy |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    keys = list(dict.fromkeys((r["mode"], r["dtype"], r["size"], r["method"]) for r in rows))
+    for k in keys:
+        by = {r["pass_"]: r for r in rows if (r["mode"], r["dtype"], r["size"], r["method"]) == k}
+        last = by.get("full", by.get("fwd"))
+        cell = lambda p: f"{by[p]['ms']:.1f}" if p in by else "-"  # noqa: E731
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {cell('fwd')} | {cell('bwd')} | "
+              f"{cell('full')} | {last['gbps']:.1f} | {last['pct_copy']:.0f}% |")
+    print("\nbytes saved for backward per element of x:")
+    for r in saved_rows:
+        print(f"  {r['mode']:<11} {r['dtype']:<9} {r['method']:<20} {r['bytes_per_element']:.2f}")
+    plot(rows, out_dir / "gbps.png", header)
+    print(f"\nwrote {out_dir}/results.csv, saved_bytes.csv, gbps.png")
+
+
+def plot(rows, path, header):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["mode"], r["dtype"], r["size"]) for r in rows))
+    methods_ = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(groups)), 5))
+    width = 0.8 / len(methods_)
+    for j, m in enumerate(methods_):
+        vals = []
+        for g in groups:
+            hit = [r for r in rows if (r["mode"], r["dtype"], r["size"]) == g
+                   and r["method"] == m and r["pass_"] == ("fwd" if m == "copy" else "full")]
+            vals.append(hit[0]["gbps"] if hit else 0.0)
+        ax.bar([i + j * width for i in range(len(groups))], vals, width, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels(["\n".join(g) for g in groups], fontsize=8)
+    ax.set_ylabel("effective GB/s (fwd+bwd; copy: its own bytes)")
+    ax.set_title(header, fontsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
