@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
-import pege_kernels as pk
+# Without a GPU, the Triton backend is tested through Triton's interpreter; it
+# must be switched on before any @triton.jit function is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pege_kernels as pk  # noqa: E402
 
 # Fused backends that run on CPU tensors here (triton only under TRITON_INTERPRET=1).
 CPU_KERNELS = [b for b in ("cpu", "triton") if b in pk.available_backends()]

@@ -1,10 +1,14 @@
 """Fused backends against the reference: the op's values and gradients."""
+import os
+
 import pytest
 import torch
 
 import pege_kernels as pk
 
 from conftest import kernel_backends, qparams, run
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Gradient tolerances of the scale / zero-point sums (reduced in another order).
 # Per dtype: (atol, rtol) of dx and of the scale/zero-point grads.
@@ -48,6 +52,9 @@ def test_half_dtypes(backend, dtype):
 @pytest.mark.parametrize("shape,axis", [((6, 5, 3, 3), 0), ((4, 7, 9), 1), ((5, 3, 17), -1),
                                         ((2, 1031), 1), ((3000, 2), 0)])
 def test_per_channel(backend, shape, axis):
+    if backend == "triton" and INTERPRETED and shape[axis] > 64:
+        # the interpreter runs one program per channel at ~ms each
+        shape = tuple(37 if d == axis % len(shape) else n for d, n in enumerate(shape))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 0.4
     compare(backend, x, *qparams(shape[axis], per_channel=True), axis=axis, **PEGE)
 
