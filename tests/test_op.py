@@ -6,32 +6,9 @@ import torch
 
 import pege_kernels as pk
 
-from conftest import kernel_backends, qparams, run
+from conftest import EWGS, PEGE, compare, kernel_backends, qparams, run
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Gradient tolerances of the scale / zero-point sums (reduced in another order).
-# Per dtype: (atol, rtol) of dx and of the scale/zero-point grads.
-TOL = {
-    torch.float32: ((0, 0), (1e-3, 1e-5)),
-    torch.float16: ((1e-3, 1e-3), (1e-2, 1e-4)),
-    torch.bfloat16: ((1e-2, 1e-2), (1e-1, 1e-3)),
-}
-PEGE = dict(ratio=0.5, seed=11, offset=3, lam=0.3, delta=0.0)
-EWGS = dict(ratio=1.0, delta=0.2)
-
-
-def compare(backend, x, s, z, dtype=torch.float32, **kw):
-    ref = run("reference", x, s, z, **kw)
-    out = run(backend, x, s, z, **kw)
-    (dx_atol, dx_rtol), (q_atol, q_rtol) = TOL[dtype]
-    # The forward is exact on every dtype: fp32 math, then one rounding cast.
-    assert torch.equal(out[0], ref[0])
-    torch.testing.assert_close(out[1], ref[1], atol=dx_atol, rtol=dx_rtol)
-    torch.testing.assert_close(out[2], ref[2], atol=q_atol, rtol=q_rtol)
-    torch.testing.assert_close(out[3], ref[3], atol=q_atol, rtol=q_rtol)
-    return ref, out
-
 
 @kernel_backends()
 @pytest.mark.parametrize("n", [1, 3, 1023, 4097, 70001])
