@@ -37,17 +37,28 @@ test: build pytest ctest wheel-check
 pytest: build
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests
 
+# CMake build of the same sources against libtorch (with the CUDA kernels when
+# a toolkit is found) and CTest. libtorch's CUDA targets link NVRTC, which pip
+# installs under site-packages/nvidia.
+CMAKE_CUDA_ARGS = $(if $(CUDA_HOME),-DPEGE_WITH_CUDA=ON -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
+	-DCUDAToolkit_ROOT=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc \
+	-DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, os, torch; print((glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "lib", "libnvrtc.so*")) + [""])[0])')")
 ctest: deps
-	$(VENV)/bin/cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(PY) > build/cmake.log
-	$(VENV)/bin/cmake --build build/cmake -j 2 >> build/cmake.log
+	mkdir -p build
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" $(VENV)/bin/cmake -S . -B build/cmake \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DPython3_EXECUTABLE=$(PY) $(CMAKE_CUDA_ARGS) > build/cmake.log 2>&1 || (tail -30 build/cmake.log; false)
+	$(VENV)/bin/cmake --build build/cmake -j 2 >> build/cmake.log 2>&1 || (tail -30 build/cmake.log; false)
 	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
 
 # A fresh venv sharing .venv's packages (torch) through a .pth file; the
 # wheels are installed into it and the suite runs from outside the tree.
 wheel-check: deps
-	rm -rf build/wheels $(WHEEL_VENV) && mkdir -p build/wheels/cpu build/wheels/nocc
-	PEGE_FORCE_CPU=1 PEGE_REQUIRE_EXTENSION=1 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w build/wheels/cpu .
-	CC=false CXX=false PEGE_FORCE_CPU=1 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w build/wheels/nocc .
+	rm -rf build/wheels build/wheel-src $(WHEEL_VENV) && mkdir -p build/wheels/cpu build/wheels/nocc
+	for v in cpu nocc; do mkdir -p build/wheel-src/$$v && tar -c --exclude=./build --exclude=./.venv \
+		--exclude=./.git --exclude=./results --exclude='*.so' . | tar -x -C build/wheel-src/$$v; done
+	cd build/wheel-src/cpu && PEGE_FORCE_CPU=1 PEGE_REQUIRE_EXTENSION=1 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w ../../wheels/cpu .
+	cd build/wheel-src/nocc && CC=false CXX=false PEGE_FORCE_CPU=1 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w ../../wheels/nocc .
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(WHEEL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps build/wheels/cpu/*.whl
