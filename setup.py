@@ -27,7 +27,8 @@ def extensions():
 
     with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
     with_cuda = with_cuda and not _flag("PEGE_FORCE_CPU")
-    sources = ["csrc/pege_ops.cpp", "csrc/cpu/pege_cpu.cpp", "csrc/python_module.cpp"]
+    sources = ["csrc/pege_ops.cpp", "csrc/cpu/pege_cpu.cpp", "csrc/cpu/philox_avx512.cpp",
+               "csrc/python_module.cpp"]
     # No FMA contraction and no fast math: the kernels must reproduce the
     # reference's fp32 operations bit for bit.
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno",

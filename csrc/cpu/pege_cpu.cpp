@@ -15,6 +15,7 @@
 
 #include "../pege_math.h"
 #include "../pege_ops.h"
+#include "philox_avx512.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PEGE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -28,6 +29,13 @@ namespace {
 constexpr int64_t kTile = 1024;        // elements whose words sit in one buffer
 constexpr int64_t kChunk = 64 * 1024;  // elements per parallel work item
 constexpr int kLanes = 16;             // fp32 accumulators per run
+
+#ifdef PEGE_HAVE_AVX512_PHILOX
+const bool kAvx512 = [] {
+  __builtin_cpu_init();  // may run before libgcc's own initialisation
+  return __builtin_cpu_supports("avx512f") != 0;
+}();
+#endif
 
 // Chunks are multiples of kTile (so of 4: Philox groups never straddle two).
 // Per channel a chunk holds at least 16 elements per channel on average, so
@@ -63,6 +71,12 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
   }
   const uint64_t j0 = static_cast<uint64_t>(t0) >> 2;
   const int64_t groups = (n + 3) >> 2;
+#ifdef PEGE_HAVE_AVX512_PHILOX
+  if (kAvx512) {
+    philox_words_avx512(words, j0, (groups + W - 1) / W * W, p.seed, p.offset);
+    return;
+  }
+#endif
   for (int64_t g = 0; g < groups; g += W) {
     Lanes<W> c0, c1, c2, c3;
     for (int l = 0; l < W; ++l) {
