@@ -98,19 +98,6 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
   }
 }
 
-// Starts the loads of a tile's lines before its Philox words are drawn, so
-// memory traffic overlaps that compute instead of following it.
-template <typename T>
-PEGE_HD void prefetch(const T* p, int64_t n, bool for_write) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t k = 0; k < n; k += kLine) {
-    if (for_write)
-      __builtin_prefetch(p + k, 1, 3);
-    else
-      __builtin_prefetch(p + k, 0, 3);
-  }
-}
-
 // Calls f(i, len, c) for each maximal run [i, i + len) of channel c inside
 // [t0, t0 + n): one division per tile, none per element.
 template <class F>
@@ -135,8 +122,6 @@ PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t en
   alignas(64) uint32_t words[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    prefetch(x + t0, n, false);
-    prefetch(y + t0, n, true);
     fill_words(words, t0, n, p);
     for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
       const uint32_t* w = words + (i - t0);
@@ -170,9 +155,6 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
   alignas(64) uint32_t words[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    prefetch(g + t0, n, false);
-    prefetch(x + t0, n, false);
-    prefetch(dx + t0, n, true);
     fill_words(words, t0, n, p);
     for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
       const uint32_t* w = words + (i - t0);
