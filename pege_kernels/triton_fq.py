@@ -171,14 +171,30 @@ def _mask_kernel(out_ptr, numel, threshold, seed_lo, seed_hi, off_lo, off_hi,
 
 
 # -------------------------------------------------------------- launchers
-def _block(per_channel: int) -> int:
-    """Block size: large under the interpreter (each program costs ~ms)."""
+# On a GPU the block size and warps are autotuned per (size, channels); the
+# interpreter runs a fixed large block (each program costs ~ms there).
+_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
+_MIN_BLOCK = 1024
+_INTERPRET_BLOCK = 4096
+if not INTERPRET:
+    _fwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_fwd_kernel)
+    _bwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_bwd_kernel)
+
+
+def _launch(kernel, per_channel, channels, args, **flags) -> int:
+    """Launches on the (blocks of a channel, channels) grid; returns BLOCK."""
+    def grid(meta):
+        return triton.cdiv(per_channel, meta["BLOCK"]), min(channels, 65535)
+
     if INTERPRET:
-        return 4096
-    return 1024 if per_channel <= 1 << 22 else 4096
+        kernel[grid({"BLOCK": _INTERPRET_BLOCK})](*args, BLOCK=_INTERPRET_BLOCK, **flags)
+        return _INTERPRET_BLOCK
+    kernel[grid](*args, **flags, enable_fp_fusion=False)  # bit-exact fp32 math
+    return kernel.best_config.kwargs["BLOCK"]
 
 
 def _layout(x, axis):
+    """(elements per channel, inner stride, channels) of x's contiguous copy."""
     if axis is None:
         return x.numel(), max(x.numel(), 1), 1
     channels = x.shape[axis]
@@ -192,25 +208,15 @@ def _split(v: int):
     return v & 0xFFFFFFFF, v >> 32
 
 
-def _launch(kernel, grid_f, channels, args, per_channel_flag, grouped, block, num_warps):
-    kw = dict(PER_CHANNEL=per_channel_flag, GROUPED=grouped, BLOCK=block)
-    if not INTERPRET:
-        kw.update(num_warps=num_warps, enable_fp_fusion=False)  # bit-exact fp32 math
-    kernel[(grid_f, min(channels, 65535))](*args, **kw)
-
-
 def _fwd(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis):
     x = x.contiguous()
     y = torch.empty_like(x)
     per_channel, inner, channels = _layout(x, axis)
-    if x.numel() == 0:
-        return y
-    block = _block(per_channel)
-    grouped = axis is None or inner % 4 == 0
-    args = (x, y, scale, zero_point, per_channel, inner, channels, float(qmin), float(qmax),
-            threshold, *_split(seed), *_split(offset))
-    _launch(_fwd_kernel, triton.cdiv(per_channel, block), channels, args, axis is not None,
-            grouped, block, 8 if block >= 4096 else 4)
+    if x.numel():
+        _launch(_fwd_kernel, per_channel, channels,
+                (x, y, scale, zero_point, per_channel, inner, channels, float(qmin),
+                 float(qmax), threshold, *_split(seed), *_split(offset)),
+                PER_CHANNEL=axis is not None, GROUPED=axis is None or inner % 4 == 0)
     return y
 
 
@@ -221,19 +227,20 @@ def _bwd(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis, 
     per_channel, inner, channels = _layout(x, axis)
     if x.numel() == 0:
         return dx, torch.zeros_like(scale), torch.zeros_like(zero_point)
-    block = _block(per_channel)
-    grid_f = triton.cdiv(per_channel, block)
-    n_part = grid_f * channels
+    # Room for the partials of the smallest block, whichever config runs:
+    # scale partials at [0, n_part), zero-point partials at [n_part, 2 n_part).
+    n_part = channels * triton.cdiv(per_channel, _MIN_BLOCK)
     part = torch.empty(2 * n_part, device=x.device, dtype=torch.float32)
-    args = (grad, x, dx, scale, zero_point, part, n_part, per_channel, inner, channels,
-            float(qmin), float(qmax), threshold, *_split(seed), *_split(offset),
-            float(lam), float(delta))
-    _launch(_bwd_kernel, grid_f, channels, args, axis is not None,
-            axis is None or inner % 4 == 0, block, 8 if block >= 4096 else 4)
+    block = _launch(_bwd_kernel, per_channel, channels,
+                    (grad, x, dx, scale, zero_point, part, n_part, per_channel, inner,
+                     channels, float(qmin), float(qmax), threshold, *_split(seed),
+                     *_split(offset), float(lam), float(delta)),
+                    PER_CHANNEL=axis is not None, GROUPED=axis is None or inner % 4 == 0)
     # The fixed-order second pass over the per-program partials.
-    sums = part.view(2, channels, grid_f).sum(dim=2, dtype=torch.float32)
-    return dx, (grad_factor * sums[0]).reshape(scale.shape), \
-        (grad_factor * sums[1]).reshape(zero_point.shape)
+    used = channels * triton.cdiv(per_channel, block)
+    ds = part[:used].view(channels, -1).sum(dim=1)
+    dz = part[n_part:n_part + used].view(channels, -1).sum(dim=1)
+    return dx, (grad_factor * ds).reshape(scale.shape), (grad_factor * dz).reshape(zero_point.shape)
 
 
 # ------------------------------------------------------------ torch ops
@@ -273,7 +280,7 @@ def _replacement_mask_op(like: torch.Tensor, threshold: int, seed: int,
                          offset: int) -> torch.Tensor:
     out = torch.empty(like.shape, dtype=torch.bool, device=like.device)
     if out.numel():
-        block = _block(out.numel())
+        block = _INTERPRET_BLOCK
         _mask_kernel[(triton.cdiv(out.numel(), block),)](
             out, out.numel(), threshold, *_split(seed), *_split(offset), BLOCK=block)
     return out
