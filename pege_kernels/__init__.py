@@ -3,7 +3,11 @@
 The op contract is docs/method.md; the plain-PyTorch statement of it is
 pege_kernels.reference.
 """
+from . import nn
+from .ao import PEGEFakeQuantize
 from .functional import available_backends, fake_quantize, replacement_mask
+from .qat import Curriculum, convert, prepare_qat
 
 __version__ = "0.1.0"
-__all__ = ["available_backends", "fake_quantize", "replacement_mask", "__version__"]
+__all__ = ["Curriculum", "PEGEFakeQuantize", "available_backends", "convert", "fake_quantize",
+           "nn", "prepare_qat", "replacement_mask", "__version__"]

@@ -1,0 +1,185 @@
+"""QAT modules over the PEGE op: Quantizer, QuantLinear, QuantConv2d.
+
+A Quantizer holds one tensor's quantization state. Its estimator picks what
+the op's backward does: "ste" (ratio 1, lam 0), "ewgs" (ratio 1, delta > 0) or
+"pege" (ratio from the curriculum, lam >= 0). In eval mode every estimator
+uses ratio 1, so evaluation measures the fully quantized model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import fake_quantize
+
+ESTIMATORS = ("ste", "ewgs", "pege")
+PRESETS = ("lsq", "pact", "dorefa", "minmax")
+ROLES = ("weight", "activation")
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes one tensor (a layer's weight or its input activation).
+
+    bits, signed: the integer range (signed: [-2^(b-1), 2^(b-1)-1]).
+    axis, channels: per-channel along `axis` with `channels` scales, or
+        per-tensor (axis=None).
+    preset: "lsq" (learnable scale, initialised to 2*mean|x|/sqrt(qmax) on the
+        first batch, gradient scale 1/sqrt(numel_per_channel*qmax)); "pact"
+        (activations: learnable clipping level alpha, scale = alpha/qmax);
+        "dorefa" (weights: tanh normalisation to [0, 1], fixed scale, mapped
+        back to [-1, 1]); "minmax" (scale from an EMA of max|x|, not learnt).
+    role: "weight" uses a fixed mask offset (masks nest as the ratio grows);
+        "activation" uses offset = the training step (a fresh mask per step).
+    """
+
+    def __init__(self, bits: int, *, signed: bool = True, axis: int | None = None,
+                 channels: int = 1, preset: str = "lsq", estimator: str = "pege",
+                 lam: float = 0.0, delta: float = 0.0, seed: int = 0, role: str = "weight",
+                 momentum: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        for name, v in (("lam", lam), ("delta", delta)):
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if preset == "dorefa":
+            signed = False  # the tanh-normalised weight lies in [0, 1]
+        if preset == "pact":
+            signed = False  # clipping to [0, alpha]
+        if bits == 1 and signed:
+            raise ValueError("a signed 1-bit range is empty of steps; use signed=False")
+        self.bits, self.signed, self.axis, self.preset = bits, signed, axis, preset
+        self.estimator, self.lam, self.delta, self.seed, self.role = (
+            estimator, float(lam), float(delta), int(seed), role)
+        self.momentum, self.backend = momentum, backend
+        self.quant_min = -(1 << (bits - 1)) if signed else 0
+        self.quant_max = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        self.ratio = 1.0  # set by Curriculum for "pege"
+        self.step = 0     # activation mask offset, set by Curriculum
+        n = channels if axis is not None else 1
+        init = torch.full((n,), 6.0 / self.quant_max if preset == "pact" else 1.0)
+        if preset in ("lsq", "pact"):
+            self.scale = nn.Parameter(init)
+        else:
+            self.register_buffer("scale", init)
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("initialized", torch.tensor(preset in ("pact", "dorefa")))
+        self._initialized = bool(self.initialized)
+        self._register_load_state_dict_pre_hook(self._sync_initialized)
+
+    def _sync_initialized(self, state_dict, prefix, *args):
+        if prefix + "initialized" in state_dict:
+            self._initialized = bool(state_dict[prefix + "initialized"])
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, signed={self.signed}, axis={self.axis}, "
+                f"preset={self.preset}, estimator={self.estimator}, role={self.role}")
+
+    def _reduce_dims(self, x):
+        return [d for d in range(x.dim()) if self.axis is None or d != self.axis % x.dim()]
+
+    @torch.no_grad()
+    def _observe(self, x):
+        """LSQ's first-batch init, or the min/max EMA (training only)."""
+        a = x.detach().float().abs()
+        dims = self._reduce_dims(x)
+        if self.preset == "lsq":
+            self.scale.copy_((2 * a.mean(dims) / math.sqrt(self.quant_max)).clamp_min(1e-8))
+        else:
+            s = (a.amax(dims) / self.quant_max).clamp_min(1e-8)
+            self.scale.copy_(s if not self._initialized else
+                             (1 - self.momentum) * self.scale + self.momentum * s)
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def settings(self):
+        """(ratio, lam, delta) the op gets now, from estimator and mode."""
+        if not self.training or self.estimator != "pege":
+            ratio = 1.0
+        else:
+            ratio = self.ratio
+        lam = self.lam if self.estimator == "pege" else 0.0
+        delta = self.delta if self.estimator == "ewgs" else 0.0
+        return ratio, lam, delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preset == "dorefa":
+            t = torch.tanh(x)
+            x = t / (2 * t.detach().abs().max().clamp_min(1e-8)) + 0.5
+        if (self.preset == "lsq" and not self._initialized) or \
+                (self.preset == "minmax" and self.training):
+            self._observe(x)
+        ratio, lam, delta = self.settings()
+        if self.preset == "lsq":
+            per = x.numel() // self.scale.numel()
+            grad_factor = 1.0 / math.sqrt(max(per, 1) * self.quant_max)
+        else:
+            grad_factor = 1.0
+        scale = self.scale
+        if self.preset == "dorefa":
+            scale = torch.full_like(self.scale, 1.0 / self.quant_max)
+        y = fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max,
+                          ratio=ratio, seed=self.seed,
+                          offset=self.step if self.role == "activation" else 0,
+                          lam=lam, delta=delta, grad_factor=grad_factor,
+                          axis=None if self.axis is None else self.axis % x.dim(),
+                          backend=self.backend)
+        return 2 * y - 1 if self.preset == "dorefa" else y
+
+
+class IntWeight(nn.Module):
+    """A converted weight: integer codes (int8 up to 8 signed bits, else
+    int16), per-output-channel scale and integer zero point. forward returns
+    (codes - zero_int) * scale, the fake-quantized weight, bit for bit."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_int: torch.Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_int", zero_int)
+
+    def forward(self, _weight=None):
+        shape = [-1] + [1] * (self.codes.dim() - 1)
+        return (self.codes.float() - self.zero_int.reshape(shape)) * self.scale.reshape(shape)
+
+
+class _QuantLayer:
+    """Shared forward pieces of QuantLinear and QuantConv2d."""
+
+    def quantized_weight(self):
+        return self.weight_quant(self.weight)
+
+    def quantized_input(self, x):
+        return self.act_quant(x) if self.act_quant is not None else x
+
+
+class QuantLinear(nn.Linear, _QuantLayer):
+    """nn.Linear whose weight (per-channel by default) and input are fake-quantized."""
+
+    def __init__(self, in_features, out_features, bias=True, *, weight_quant: Quantizer,
+                 act_quant: Quantizer | None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_quant, self.act_quant = weight_quant, act_quant
+
+    def forward(self, x):
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d, _QuantLayer):
+    """nn.Conv2d whose weight (per-channel by default) and input are fake-quantized."""
+
+    def __init__(self, *args, weight_quant: Quantizer, act_quant: Quantizer | None, **kw):
+        super().__init__(*args, **kw)
+        self.weight_quant, self.act_quant = weight_quant, act_quant
+
+    def forward(self, x):
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
