@@ -89,13 +89,22 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x):
-        """LSQ's first-batch init, or the min/max EMA (training only)."""
+        """LSQ's first-batch init, or the min/max EMA (training only). Under
+        torch.distributed the statistic is reduced over ranks, so every
+        replica starts from the same scale (the whole global batch's)."""
         a = x.detach().float().abs()
         dims = self._reduce_dims(x)
+        stat = a.mean(dims) if self.preset == "lsq" else a.amax(dims)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if self.preset == "lsq":
+                torch.distributed.all_reduce(stat)
+                stat /= torch.distributed.get_world_size()
+            else:
+                torch.distributed.all_reduce(stat, op=torch.distributed.ReduceOp.MAX)
         if self.preset == "lsq":
-            self.scale.copy_((2 * a.mean(dims) / math.sqrt(self.quant_max)).clamp_min(1e-8))
+            self.scale.copy_((2 * stat / math.sqrt(self.quant_max)).clamp_min(1e-8))
         else:
-            s = (a.amax(dims) / self.quant_max).clamp_min(1e-8)
+            s = (stat / self.quant_max).clamp_min(1e-8)
             self.scale.copy_(s if not self._initialized else
                              (1 - self.momentum) * self.scale + self.momentum * s)
         self.initialized.fill_(True)
@@ -121,6 +130,9 @@ class Quantizer(nn.Module):
         ratio, lam, delta = self.settings()
         if self.preset == "lsq":
             per = x.numel() // self.scale.numel()
+            if self.role == "activation" and torch.distributed.is_available() \
+                    and torch.distributed.is_initialized():
+                per *= torch.distributed.get_world_size()  # the global batch, as one process
             grad_factor = 1.0 / math.sqrt(max(per, 1) * self.quant_max)
         else:
             grad_factor = 1.0
