@@ -1,7 +1,8 @@
 # make test   create .venv if missing, install, build, run pytest + CTest, then
 #             the suite again on an installed CPU-only wheel and on a wheel
 #             built with no compiler (the "reference" fallback)
-# make demo   the main job (for now: the kernel benchmark on a small size)
+# make demo   the main job: STE vs EWGS vs PEGE on digits (W2A2, W3A3, 3 seeds)
+#             plus the short kernel benchmark table
 # make bench  the full CPU benchmark (README's figures)
 # make gpu-check OUT=dir   on a machine with a GPU: build for sm_90, tests, GPU benchmarks
 SHELL := /bin/bash
@@ -70,7 +71,11 @@ wheel-check: deps
 	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider ../tests
 
 demo: build
-	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --sizes 1M,16M --dtypes float32 --modes per-tensor --out $(OUT)/demo-bench
+	PYTHONPATH=$(CURDIR) $(PY) -m pege_kernels.train --dataset digits --bits 2/2,3/3 \
+		--estimators ste,ewgs,pege --seeds 0,1,2 --out $(OUT)/demo-train
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --sizes 1M,16M --dtypes float32 \
+		--modes per-tensor --skip "reference compiled" --out $(OUT)/demo-bench
+	@echo "demo outputs: $(OUT)/demo-train (table, runs.json/csv, PNGs) and $(OUT)/demo-bench"
 
 bench: build
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --out $(OUT)/bench

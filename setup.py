@@ -71,6 +71,7 @@ setup(
     packages=find_packages(include=["pege_kernels", "pege_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
+    entry_points={"console_scripts": ["pege-train=pege_kernels.train:main"]},
     extras_require={"train": ["scikit-learn", "tqdm", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

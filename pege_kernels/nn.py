@@ -136,7 +136,10 @@ class Quantizer(nn.Module):
             grad_factor = 1.0 / math.sqrt(max(per, 1) * self.quant_max)
         else:
             grad_factor = 1.0
-        scale = self.scale
+        # A learnt scale can be pushed through zero by the optimizer; |s| keeps
+        # it valid with the same value and gradient while s > 0.
+        scale = self.scale.abs().clamp_min(1e-8) if self.preset in ("lsq", "pact") \
+            else self.scale
         if self.preset == "dorefa":
             scale = torch.full_like(self.scale, 1.0 / self.quant_max)
         y = fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max,
