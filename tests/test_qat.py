@@ -174,7 +174,10 @@ def test_compile_quantized_model():
     pk.Curriculum(model, 10).step()
     model(x)  # LSQ init outside the compiled region
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
+    # No graph break through a fused backend; the reference fallback computes
+    # its Philox words eagerly (one break, see docs/method.md).
+    fused = "cpu" in pk.available_backends()
+    compiled = torch.compile(model, fullgraph=fused)
     torch.testing.assert_close(compiled(x), model(x))
 
 
