@@ -3,10 +3,23 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
 namespace pege {
+
+// Calls f(T{}) with T the C++ type of x's dtype (fp32, fp16, bf16).
+template <class F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: TORCH_CHECK(false, "pege: unsupported dtype ", t);
+  }
+}
 
 // x is walked as its contiguous copy; element i belongs to channel
 // (i / inner) % channels (per-tensor: channels = 1, inner = numel).

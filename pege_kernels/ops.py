@@ -28,6 +28,26 @@ def has_cuda_kernels() -> bool:
         "pege::fake_quant", "CUDA")
 
 
+def setup_context(ctx, inputs, output):
+    """Autograd context of a fused fake_quant op: x, scale, zero point and the
+    scalars; never the mask."""
+    x, scale, zero_point, *args = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.args = args
+
+
+def autograd_backward(backward_op):
+    """The autograd backward of a fused fake_quant op, calling its backward op
+    (backward_op() returns it) with the saved tensors and scalars."""
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, ds, dz = backward_op()(grad, x, scale, zero_point, *ctx.args, need[1] or need[2])
+        return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
+                *([None] * 9))
+    return backward
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("pege::fake_quant")
@@ -45,18 +65,6 @@ if HAS_EXTENSION:
     def _replacement_mask_fake(like, threshold, seed, offset):
         return like.new_empty(like.shape, dtype=torch.bool)
 
-    def _setup_context(ctx, inputs, output):
-        x, scale, zero_point, *args = inputs
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.args = args
-
-    def _backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dx, ds, dz = torch.ops.pege.fake_quant_backward(
-            grad, x, scale, zero_point, *ctx.args, need[1] or need[2])
-        return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
-                *([None] * 9))
-
-    torch.library.register_autograd("pege::fake_quant", _backward,
-                                    setup_context=_setup_context)
+    torch.library.register_autograd(
+        "pege::fake_quant", autograd_backward(lambda: torch.ops.pege.fake_quant_backward),
+        setup_context=setup_context)

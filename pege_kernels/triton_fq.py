@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_scale_values
+from .ops import autograd_backward, setup_context
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -263,8 +264,9 @@ def _(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
 def _fake_quant_backward_op(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                             zero_point: torch.Tensor, quant_min: int, quant_max: int,
                             threshold: int, seed: int, offset: int, axis: int | None,
-                            lam: float, delta: float, grad_factor: float
+                            lam: float, delta: float, grad_factor: float, qparam_grad: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The partial sums cost little next to dx, so they are always reduced.
     return _bwd(grad, x, scale, zero_point, quant_min, quant_max, threshold, seed, offset,
                 axis, lam, delta, grad_factor)
 
@@ -291,22 +293,9 @@ def _(like, threshold, seed, offset):
     return like.new_empty(like.shape, dtype=torch.bool)
 
 
-def _setup_context(ctx, inputs, output):
-    x, scale, zero_point, *args = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.args = args
-
-
-def _backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    dx, ds, dz = torch.ops.pege_triton.fake_quant_backward(grad, x, scale, zero_point,
-                                                           *ctx.args)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
-            *([None] * 9))
-
-
-_fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
+_fake_quant_op.register_autograd(
+    autograd_backward(lambda: torch.ops.pege_triton.fake_quant_backward),
+    setup_context=setup_context)
 
 fake_quant = torch.ops.pege_triton.fake_quant
 replacement_mask = torch.ops.pege_triton.replacement_mask

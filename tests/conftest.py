@@ -1,7 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# A compile cache of this session only: artifacts cached by an earlier
+# version of the ops (another signature) must not be reused.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pege-inductor-"))
 
 # Without a GPU, the Triton backend is tested through Triton's interpreter; it
 # must be switched on before any @triton.jit function is defined.

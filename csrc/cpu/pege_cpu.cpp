@@ -205,16 +205,6 @@ void for_each_chunk(const QuantParams& p, F&& f) {
   });
 }
 
-template <class F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(at::Half{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    default: TORCH_CHECK(false, "pege: unsupported dtype ", t);
-  }
-}
-
 }  // namespace
 
 void fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,

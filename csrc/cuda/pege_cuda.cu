@@ -198,16 +198,6 @@ int64_t grid_for(int64_t units) {
   return std::max<int64_t>(1, std::min<int64_t>((units + kThreads - 1) / kThreads, 65535));
 }
 
-template <class F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(at::Half{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    default: TORCH_CHECK(false, "pege: unsupported dtype ", t);
-  }
-}
-
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
