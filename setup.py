@@ -4,6 +4,7 @@ Needs torch at build time: install with `pip install --no-build-isolation .`
 (or `pip wheel --no-build-isolation .`). Environment switches:
   PEGE_FORCE_CPU=1      build the CPU kernels only, even where CUDA is found
   PEGE_NO_EXTENSION=1   build no extension: the package runs on "reference"
+  PEGE_REQUIRE_EXTENSION=1  fail instead of installing without the extension
   TORCH_CUDA_ARCH_LIST  CUDA targets (default "8.0;9.0" when no GPU is visible)
 CUDA kernels are built when torch was built with CUDA and a CUDA toolkit is
 found (CUDA_HOME), whether or not a GPU is present. If compiling fails, the
