@@ -31,3 +31,20 @@ def test_words_equal_triton_randint4x_at_offset_0(seed):
     out = torch.empty(4 * n, dtype=torch.int64, device=device)
     _randint4x_kernel[(1,)](out, seed, N=n)
     assert torch.equal(out.cpu(), mask_words(4 * n, seed, 0))
+
+
+@needs_triton
+def test_opcheck_triton_ops():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 8, generator=g).to(device)
+    s, z = torch.tensor([0.05], device=device), torch.tensor([1.0], device=device)
+    sc, zc = torch.full((5,), 0.07, device=device), torch.zeros(5, device=device)
+    for scale, zp, axis in ((s, z, None), (sc, zc, 1)):
+        args = (-8, 7, 1 << 23, 3, 4, axis, 0.2, 0.1, 1.0)
+        xs, ss, zs = (t.clone().requires_grad_(True) for t in (x, scale, zp))
+        torch.library.opcheck(torch.ops.pege_triton.fake_quant.default, (xs, ss, zs, *args))
+        torch.library.opcheck(torch.ops.pege_triton.fake_quant_backward.default,
+                              (torch.randn_like(x), x, scale, zp, *args, True))
+    torch.library.opcheck(torch.ops.pege_triton.replacement_mask.default,
+                          (torch.empty(3, 9, device=device), 1 << 22, 5, 6))
