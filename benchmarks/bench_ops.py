@@ -98,11 +98,10 @@ def time_method(f, x, dy, s, z, device, reps):
     try:
         out["fwd"] = best_time(lambda: f(xs, ss, zs), device, reps)
         y = f(xs, ss, zs)
-        grads = [t for t in (xs, ss, zs)]
+        grads = [xs, ss, zs]
         out["bwd"] = best_time(
             lambda: torch.autograd.grad(y, grads, dy, retain_graph=True, allow_unused=True),
             device, reps)
-        del y
         out["full"] = best_time(
             lambda: torch.autograd.grad(f(xs, ss, zs), grads, dy, allow_unused=True),
             device, reps)
@@ -180,7 +179,7 @@ def main(argv=None):
                 n = parse_size(size_text)
                 x, dy, s, z = inputs(n, dtype, axis, device)
                 e = x.element_size()
-                copy_s = best_time(lambda: x.clone(), device, args.reps)
+                copy_s = best_time(x.clone, device, args.reps)
                 copy_gbps = 2 * e * n / copy_s / 1e9
                 rows.append(dict(mode=mode, dtype=dtype_name, size=size_text, method="copy",
                                  pass_="fwd", ms=copy_s * 1e3, gbps=copy_gbps, pct_copy=100.0))
@@ -220,9 +219,9 @@ def write(rows, saved_rows, out_dir, header):
     for k in keys:
         by = {r["pass_"]: r for r in rows if (r["mode"], r["dtype"], r["size"], r["method"]) == k}
         last = by.get("full", by.get("fwd"))
-        cell = lambda p: f"{by[p]['ms']:.1f}" if p in by else "-"  # noqa: E731
-        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {cell('fwd')} | {cell('bwd')} | "
-              f"{cell('full')} | {last['gbps']:.1f} | {last['pct_copy']:.0f}% |")
+        ms = [f"{by[p]['ms']:.1f}" if p in by else "-" for p in ("fwd", "bwd", "full")]
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {' | '.join(ms)} | "
+              f"{last['gbps']:.1f} | {last['pct_copy']:.0f}% |")
     print("\nbytes saved for backward per element of x:")
     for r in saved_rows:
         print(f"  {r['mode']:<11} {r['dtype']:<9} {r['method']:<20} {r['bytes_per_element']:.2f}")

@@ -116,6 +116,19 @@ def _indices(pid_f, c, per_channel, inner, channels, PER_CHANNEL: tl.constexpr,
     return i, f < per_channel
 
 
+@triton.jit
+def _load_and_quantize(ptr, s_ptr, z_ptr, c, pid_f, per_channel, inner, channels, qmin, qmax,
+                       threshold, seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL: tl.constexpr,
+                       GROUPED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program's block of channel c: indices, x (fp32), Q(x) and the mask."""
+    i, valid = _indices(pid_f, c, per_channel, inner, channels, PER_CHANNEL, BLOCK)
+    s = tl.load(s_ptr + c)
+    x = tl.load(ptr + i, mask=valid, other=0.0).to(tl.float32)
+    q, below, above, inv, zi = _quantize(x, s, tl.load(z_ptr + c), qmin, qmax)
+    m = (_words(i, seed_lo, seed_hi, off_lo, off_hi, GROUPED, BLOCK) >> 8) < threshold
+    return i, valid, x, s, q, below, above, inv, zi, m & valid
+
+
 # --------------------------------------------------------------- kernels
 @triton.jit
 def _fwd_kernel(x_ptr, y_ptr, s_ptr, z_ptr, per_channel, inner, channels, qmin, qmax,
@@ -123,12 +136,9 @@ def _fwd_kernel(x_ptr, y_ptr, s_ptr, z_ptr, per_channel, inner, channels, qmin, 
                 GROUPED: tl.constexpr, BLOCK: tl.constexpr):
     pid_f = tl.program_id(0)
     for c in range(tl.program_id(1), channels, tl.num_programs(1)):
-        i, valid = _indices(pid_f, c, per_channel, inner, channels, PER_CHANNEL, BLOCK)
-        s = tl.load(s_ptr + c)
-        z = tl.load(z_ptr + c)
-        x = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        q, below, above, inv, zi = _quantize(x, s, z, qmin, qmax)
-        m = (_words(i, seed_lo, seed_hi, off_lo, off_hi, GROUPED, BLOCK) >> 8) < threshold
+        i, valid, x, s, q, below, above, inv, zi, m = _load_and_quantize(
+            x_ptr, s_ptr, z_ptr, c, pid_f, per_channel, inner, channels, qmin, qmax, threshold,
+            seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL, GROUPED, BLOCK)
         tl.store(y_ptr + i, _cast_out(tl.where(m, q, x), y_ptr), mask=valid)
 
 
@@ -139,14 +149,10 @@ def _bwd_kernel(g_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, part_ptr, n_part, per_channe
                 BLOCK: tl.constexpr):
     pid_f = tl.program_id(0)
     for c in range(tl.program_id(1), channels, tl.num_programs(1)):
-        i, valid = _indices(pid_f, c, per_channel, inner, channels, PER_CHANNEL, BLOCK)
-        s = tl.load(s_ptr + c)
-        z = tl.load(z_ptr + c)
+        i, valid, x, s, q, below, above, inv, zi, m = _load_and_quantize(
+            x_ptr, s_ptr, z_ptr, c, pid_f, per_channel, inner, channels, qmin, qmax, threshold,
+            seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL, GROUPED, BLOCK)
         g = tl.load(g_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        q, below, above, inv, zi = _quantize(x, s, z, qmin, qmax)
-        m = (_words(i, seed_lo, seed_hi, off_lo, off_hi, GROUPED, BLOCK) >> 8) < threshold
-        m = m & valid
         e = x - q
         in_range = (below | above) == 0
         sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))

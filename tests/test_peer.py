@@ -2,8 +2,6 @@
 import pytest
 import torch
 
-import pege_kernels as pk
-
 from conftest import CPU_KERNELS, qparams, run
 
 BACKENDS = ["reference", *CPU_KERNELS]
