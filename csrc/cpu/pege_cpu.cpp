@@ -135,7 +135,10 @@ PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t en
   }
 }
 
-inline float lane_sum(const float* v) {
+// kLanes floats, one SIMD register where the target has them.
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline float lane_sum(Floats v) {
   // Fixed pairwise order over the kLanes lanes.
   float t[kLanes / 2];
   for (int l = 0; l < kLanes / 2; ++l) t[l] = v[l] + v[l + kLanes / 2];
@@ -145,41 +148,52 @@ inline float lane_sum(const float* v) {
 }
 
 // Backward over one chunk; adds its scale / zero-point sums (before
-// grad_factor) to part_s[c], part_z[c].
-template <typename T>
+// grad_factor) to part_s[c], part_z[c]. kLam is p.lam != 0.
+template <typename T, bool kLam>
 PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t begin,
                                       int64_t end, const Channel* ch, const QuantParams& p,
                                       float* part_s, float* part_z) {
   const float qmin = p.qmin, qmax = p.qmax, lam = p.lam, delta = p.delta;
   const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
+  alignas(64) float terms_s[kTile], terms_z[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
     fill_words(words, t0, n, p);
     for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
       const uint32_t* w = words + (i - t0);
+      float* ts = terms_s + (i - t0);
+      float* tz = terms_z + (i - t0);
       const Channel chc = ch[c];
-      // Lane l accumulates elements k = l (mod kLanes) of the run: a fixed
-      // order that still vectorizes without reassociating float sums.
-      float ls[kLanes] = {}, lz[kLanes] = {};
-      auto element = [&](int64_t k, int l) {
+      // Pass 1: dx and each element's scale / zero-point terms, the latter
+      // into L1-resident buffers. Summing in this loop as well would make
+      // GCC keep the sums in memory, a dependency chain through the stack.
+      for (int64_t k = 0; k < len; ++k) {
         const float gk = static_cast<float>(g[i + k]);
         const float xk = static_cast<float>(x[i + k]);
-        const Grad gr = replaced_grad(gk, xk, quantize(xk, chc, qmin, qmax), chc, qmin,
-                                      qmax, lam, delta);
+        const Grad gr =
+            replaced_grad<kLam>(gk, xk, quantize(xk, chc, qmin, qmax), chc, lam, delta);
         const bool m = replaced(w[k], thr);
         dx[i + k] = static_cast<T>(m ? gr.gx : gk);
-        // Temporaries, not `ls[l] += m ? a : 0`: GCC reads the latter as a
-        // conditional store and gives up vectorizing the loop.
-        const float add_s = m ? gr.gs : 0.0f;
-        const float add_z = m ? gr.gz : 0.0f;
-        ls[l] = ls[l] + add_s;
-        lz[l] = lz[l] + add_z;
-      };
+        ts[k] = m ? gr.gs : 0.0f;
+        tz[k] = m ? gr.gz : 0.0f;
+      }
+      // Pass 2: lane l sums the terms k = l (mod kLanes) of the run, a fixed
+      // order that vectorizes without reassociating float sums. Written with
+      // vector types: GCC turns the array form into one scalar chain per lane.
+      Floats ls = {}, lz = {};
       int64_t k = 0;
-      for (; k + kLanes <= len; k += kLanes)
-        for (int l = 0; l < kLanes; ++l) element(k + l, l);
-      for (; k < len; ++k) element(k, 0);
+      for (; k + kLanes <= len; k += kLanes) {
+        Floats a, b;
+        std::memcpy(&a, ts + k, sizeof a);
+        std::memcpy(&b, tz + k, sizeof b);
+        ls += a;
+        lz += b;
+      }
+      for (; k < len; ++k) {
+        ls[0] += ts[k];
+        lz[0] += tz[k];
+      }
       part_s[c] += lane_sum(ls);
       part_z[c] += lane_sum(lz);
     });
@@ -233,9 +247,9 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
     const T* gp = grad.data_ptr<T>();
     const T* xp = x.data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
+    const auto chunk = p.lam != 0.0f ? backward_chunk<T, true> : backward_chunk<T, false>;
     for_each_chunk(p, [&](int64_t k, int64_t b, int64_t e) {
-      backward_chunk<T>(gp, xp, dxp, b, e, ch.data(), p, &part_s[k * p.channels],
-                        &part_z[k * p.channels]);
+      chunk(gp, xp, dxp, b, e, ch.data(), p, &part_s[k * p.channels], &part_z[k * p.channels]);
     });
   });
   if (!qparam_grad) return;

@@ -124,8 +124,7 @@ __global__ void backward_kernel(const T* __restrict__ g, const T* __restrict__ x
     float acc_s = 0.0f, acc_z = 0.0f;
     auto element = [&](int64_t i, uint32_t word, float gk, float xk, float& out) {
       const Grad gr =
-          replaced_grad(gk, xk, quantize(xk, ch, p.qmin, p.qmax), ch, p.qmin, p.qmax,
-                        p.lam, p.delta);
+          replaced_grad(gk, xk, quantize(xk, ch, p.qmin, p.qmax), ch, p.lam, p.delta);
       const bool m = replaced(word, p.threshold);
       out = m ? gr.gx : gk;
       acc_s += m ? gr.gs : 0.0f;

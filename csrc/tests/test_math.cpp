@@ -82,23 +82,23 @@ static void gradients() {
   // in range, STE: gx = g, ds term = g * (q - x) / s, no zero-point term
   const float x = 1.1f;
   const Quant qu = quantize(x, ch, -8, 7);
-  Grad g = replaced_grad(2.0f, x, qu, ch, -8, 7, 0.0f, 0.0f);
+  Grad g = replaced_grad(2.0f, x, qu, ch, 0.0f, 0.0f);
   EXPECT(g.gx == 2.0f && g.gz == 0.0f && g.gs == 2.0f * ((qu.q - x) * ch.inv));
   // lambda adds lam * (x - q) to dx and -lam * (x - q) to the upstream of q
-  Grad gl = replaced_grad(2.0f, x, qu, ch, -8, 7, 0.5f, 0.0f);
+  Grad gl = replaced_grad(2.0f, x, qu, ch, 0.5f, 0.0f);
   EXPECT(gl.gx == 2.0f + 0.5f * (x - qu.q));
   // EWGS: 1 + delta * sign(g) * (x - q) / s
-  Grad ge = replaced_grad(-2.0f, x, qu, ch, -8, 7, 0.0f, 0.25f);
+  Grad ge = replaced_grad(-2.0f, x, qu, ch, 0.0f, 0.25f);
   EXPECT(ge.gx == -2.0f * (1.0f + 0.25f * -1.0f * (x - qu.q) * ch.inv));
   // above the range: no x gradient; dq/ds = qmax - zi, dq/dz = -s
   const Quant over = quantize(100.0f, ch, -8, 7);
-  Grad go = replaced_grad(3.0f, 100.0f, over, ch, -8, 7, 0.0f, 0.0f);
+  Grad go = replaced_grad(3.0f, 100.0f, over, ch, 0.0f, 0.0f);
   EXPECT(go.gx == 0.0f && go.gs == 3.0f * (7.0f - 1.0f) && go.gz == 3.0f * -0.5f);
   const Quant under = quantize(-100.0f, ch, -8, 7);
-  EXPECT(replaced_grad(1.0f, -100.0f, under, ch, -8, 7, 0.0f, 0.0f).gs == -8.0f - 1.0f);
+  EXPECT(replaced_grad(1.0f, -100.0f, under, ch, 0.0f, 0.0f).gs == -8.0f - 1.0f);
   // an infinite x with lam = 0 keeps finite gradients
   const float inf = std::numeric_limits<float>::infinity();
-  Grad gi = replaced_grad(1.0f, inf, quantize(inf, ch, -8, 7), ch, -8, 7, 0.0f, 0.0f);
+  Grad gi = replaced_grad(1.0f, inf, quantize(inf, ch, -8, 7), ch, 0.0f, 0.0f);
   EXPECT(gi.gx == 0.0f && std::isfinite(gi.gs) && std::isfinite(gi.gz));
 }
 
