@@ -148,8 +148,8 @@ inline float lane_sum(Floats v) {
 }
 
 // Backward over one chunk; adds its scale / zero-point sums (before
-// grad_factor) to part_s[c], part_z[c]. kLam is p.lam != 0.
-template <typename T, bool kLam>
+// grad_factor) to part_s[c], part_z[c]. kLam is p.lam != 0, kDelta p.delta != 0.
+template <typename T, bool kLam, bool kDelta>
 PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t begin,
                                       int64_t end, const Channel* ch, const QuantParams& p,
                                       float* part_s, float* part_z) {
@@ -172,7 +172,7 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
         const float gk = static_cast<float>(g[i + k]);
         const float xk = static_cast<float>(x[i + k]);
         const Grad gr =
-            replaced_grad<kLam>(gk, xk, quantize(xk, chc, qmin, qmax), chc, lam, delta);
+            replaced_grad<kLam, kDelta>(gk, xk, quantize(xk, chc, qmin, qmax), chc, lam, delta);
         const bool m = replaced(w[k], thr);
         dx[i + k] = static_cast<T>(m ? gr.gx : gk);
         ts[k] = m ? gr.gs : 0.0f;
@@ -247,7 +247,9 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
     const T* gp = grad.data_ptr<T>();
     const T* xp = x.data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
-    const auto chunk = p.lam != 0.0f ? backward_chunk<T, true> : backward_chunk<T, false>;
+    const bool lam = p.lam != 0.0f, delta = p.delta != 0.0f;
+    const auto chunk = lam ? (delta ? backward_chunk<T, true, true> : backward_chunk<T, true, false>)
+                           : (delta ? backward_chunk<T, false, true> : backward_chunk<T, false, false>);
     for_each_chunk(p, [&](int64_t k, int64_t b, int64_t e) {
       chunk(gp, xp, dxp, b, e, ch.data(), p, &part_s[k * p.channels], &part_z[k * p.channels]);
     });
