@@ -67,31 +67,77 @@ PEGE_HD Lanes<W> operator^(const Lanes<W>& a, uint32_t b) {
   for (int l = 0; l < W; ++l) r.v[l] = a.v[l] ^ b;
   return r;
 }
+
+template <int W>
+PEGE_HD Lanes<W> operator^(uint32_t a, const Lanes<W>& b) {
+  return b ^ a;
+}
+
+template <int W>
+PEGE_HD void broadcast(Lanes<W>& dst, uint32_t v) {
+  for (int l = 0; l < W; ++l) dst.v[l] = v;
+}
 #endif
 
-// The ten rounds on a counter (c0..c3) with key (k0, k1); U is uint32_t or a
-// vector of lanes, each lane an independent counter.
+// A counter whose four words may have different types: uint32_t, or a vector
+// of lanes (each lane an independent counter).
+template <typename A, typename B, typename C, typename D>
+struct Counter {
+  A c0;
+  B c1;
+  C c2;
+  D c3;
+};
+
+// One round with round key (k0, k1). A word's type follows what it depends
+// on: a product of a uint32_t word stays a uint32_t.
+template <typename A, typename B, typename C, typename D>
+PEGE_HD auto philox_round(const A& c0, const B& c1, const C& c2, const D& c3, uint32_t k0,
+                          uint32_t k1) {
+  A hi0, lo0;
+  C hi1, lo1;
+  mulhilo32(kPhiloxM0, c0, hi0, lo0);
+  mulhilo32(kPhiloxM1, c2, hi1, lo1);
+  auto n0 = hi1 ^ c1 ^ k0;
+  auto n2 = hi0 ^ c3 ^ k1;
+  return Counter<decltype(n0), C, decltype(n2), A>{n0, lo1, n2, lo0};
+}
+
+// Rounds first .. 9 on a counter (c0..c3) with key (k0, k1); round r's key
+// is (k0 + r * W0, k1 + r * W1) mod 2^32. U is uint32_t or a lane type.
 template <typename U>
-PEGE_HD void philox_rounds(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
+PEGE_HD void philox_rounds(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1,
+                           int first = 0) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int r = 0; r < 10; ++r) {
-    if (r > 0) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    U hi0, lo0, hi1, lo1;
-    mulhilo32(kPhiloxM0, c0, hi0, lo0);
-    mulhilo32(kPhiloxM1, c2, hi1, lo1);
-    const U n0 = hi1 ^ c1 ^ k0;
-    const U n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+  for (int r = first; r < 10; ++r) {
+    const auto n = philox_round(c0, c1, c2, c3, k0 + r * kPhiloxW0, k1 + r * kPhiloxW1);
+    c0 = n.c0;
+    c1 = n.c1;
+    c2 = n.c2;
+    c3 = n.c3;
   }
 }
+
+#if !defined(__CUDACC__)
+// The ten rounds for lanes that differ only in c0, with c1..c3 = u1..u3 in
+// every lane (the CPU kernels' counters, (j, offset), away from a 2^32
+// boundary of j). Round 0 multiplies c2 and round 1 c0 while they are still
+// uniform, once instead of per lane: 18 lane products of 20.
+template <typename U>
+PEGE_HD void philox_rounds_uniform(U& c0, U& c1, U& c2, U& c3, uint32_t u1, uint32_t u2,
+                                   uint32_t u3, uint32_t k0, uint32_t k1) {
+  const auto r0 = philox_round(c0, u1, u2, u3, k0, k1);  // uint32_t, uint32_t, U, U
+  const auto r1 = philox_round(r0.c0, r0.c1, r0.c2, r0.c3, k0 + kPhiloxW0,
+                               k1 + kPhiloxW1);          // U, U, U, uint32_t
+  c0 = r1.c0;
+  c1 = r1.c1;
+  c2 = r1.c2;
+  broadcast(c3, r1.c3);
+  philox_rounds(c0, c1, c2, c3, k0, k1, 2);
+}
+#endif
 
 PEGE_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                             uint32_t k0, uint32_t k1) {

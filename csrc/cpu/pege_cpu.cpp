@@ -79,15 +79,21 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
 #endif
   for (int64_t g = 0; g < groups; g += W) {
     Lanes<W> c0, c1, c2, c3;
-    for (int l = 0; l < W; ++l) {
-      const uint64_t j = j0 + g + l;
-      c0.v[l] = static_cast<uint32_t>(j);
-      c1.v[l] = static_cast<uint32_t>(j >> 32);
-      c2.v[l] = static_cast<uint32_t>(p.offset);
-      c3.v[l] = static_cast<uint32_t>(p.offset >> 32);
+    const uint64_t first = j0 + g;
+    for (int l = 0; l < W; ++l) c0.v[l] = static_cast<uint32_t>(first + l);
+    if ((first >> 32) == ((first + W - 1) >> 32)) {
+      philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(first >> 32),
+                            static_cast<uint32_t>(p.offset), static_cast<uint32_t>(p.offset >> 32),
+                            static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
+    } else {
+      for (int l = 0; l < W; ++l) {
+        c1.v[l] = static_cast<uint32_t>((first + l) >> 32);
+        c2.v[l] = static_cast<uint32_t>(p.offset);
+        c3.v[l] = static_cast<uint32_t>(p.offset >> 32);
+      }
+      philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(p.seed),
+                    static_cast<uint32_t>(p.seed >> 32));
     }
-    philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(p.seed),
-                  static_cast<uint32_t>(p.seed >> 32));
     uint32_t* out = words + 4 * g;
     for (int l = 0; l < W; ++l) {
       out[4 * l + 0] = c0.v[l];

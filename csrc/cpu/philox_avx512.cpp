@@ -32,6 +32,12 @@ inline __attribute__((always_inline)) Z4 operator^(const Z4& a, uint32_t b) {
   return r;
 }
 
+inline __attribute__((always_inline)) Z4 operator^(uint32_t a, const Z4& b) { return b ^ a; }
+
+inline __attribute__((always_inline)) void broadcast(Z4& dst, uint32_t v) {
+  for (int k = 0; k < 4; ++k) dst.v[k] = _mm512_set1_epi32(static_cast<int>(v));
+}
+
 inline __attribute__((always_inline)) void mulhilo32(uint32_t m, const Z4& a, Z4& hi, Z4& lo) {
   const __m512i mv = _mm512_set1_epi64(m);
   for (int k = 0; k < 4; ++k) {
@@ -49,35 +55,51 @@ void philox_words_avx512(uint32_t* words, uint64_t j0, int64_t groups, uint64_t 
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g = 0; g < groups; g += 64) {
     Z4 c0, c1, c2, c3;
-    for (int k = 0; k < 4; ++k) {
-      const uint64_t base = j0 + g + 16 * k;
-      // 16 consecutive group indices; the high word changes at most once
-      // (at a 2^32 boundary), which the per-lane compare below handles.
-      const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane);
-      const __mmask16 wrapped = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(static_cast<int>(base)));
-      c0.v[k] = lo;
-      c1.v[k] = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(base >> 32)), wrapped,
-                                      _mm512_set1_epi32(static_cast<int>(base >> 32)),
-                                      _mm512_set1_epi32(1));
-      c2.v[k] = _mm512_set1_epi32(static_cast<int>(offset));
-      c3.v[k] = _mm512_set1_epi32(static_cast<int>(offset >> 32));
+    const uint64_t first = j0 + g, last = first + 63;
+    if ((first >> 32) == (last >> 32)) {
+      // c1 (j's high word), c2 and c3 (the offset) are the same in all lanes.
+      for (int k = 0; k < 4; ++k)
+        c0.v[k] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first + 16 * k)), lane);
+      philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(first >> 32),
+                            static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                            static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    } else {
+      for (int k = 0; k < 4; ++k) {
+        const uint64_t base = first + 16 * k;
+        // 16 consecutive group indices; the high word changes at most once
+        // (at a 2^32 boundary), which the per-lane compare below handles.
+        const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane);
+        const __mmask16 wrapped =
+            _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(static_cast<int>(base)));
+        c0.v[k] = lo;
+        c1.v[k] = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(base >> 32)), wrapped,
+                                        _mm512_set1_epi32(static_cast<int>(base >> 32)),
+                                        _mm512_set1_epi32(1));
+        c2.v[k] = _mm512_set1_epi32(static_cast<int>(offset));
+        c3.v[k] = _mm512_set1_epi32(static_cast<int>(offset >> 32));
+      }
+      philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(seed),
+                    static_cast<uint32_t>(seed >> 32));
     }
-    philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    // 4x4 transposes inside each 128-bit lane: r_q holds groups 4L + q.
+    // Words in element order: 4x4 transposes inside each 128-bit lane (r_q
+    // then holds group 4L + q in lane L), then a 4x4 transpose of the 128-bit
+    // lanes, so that out[m] holds groups 4m .. 4m + 3.
     for (int k = 0; k < 4; ++k) {
       const __m512i a = _mm512_unpacklo_epi32(c0.v[k], c1.v[k]);
       const __m512i b = _mm512_unpackhi_epi32(c0.v[k], c1.v[k]);
       const __m512i c = _mm512_unpacklo_epi32(c2.v[k], c3.v[k]);
       const __m512i d = _mm512_unpackhi_epi32(c2.v[k], c3.v[k]);
-      const __m512i r[4] = {_mm512_unpacklo_epi64(a, c), _mm512_unpackhi_epi64(a, c),
-                            _mm512_unpacklo_epi64(b, d), _mm512_unpackhi_epi64(b, d)};
-      uint32_t* out = words + 4 * (g + 16 * k);
-      alignas(64) uint32_t tmp[4][16];
-      for (int q = 0; q < 4; ++q) _mm512_store_si512(tmp[q], r[q]);
-      for (int l = 0; l < 4; ++l)
-        for (int q = 0; q < 4; ++q)
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * (4 * l + q)),
-                           _mm_load_si128(reinterpret_cast<const __m128i*>(&tmp[q][4 * l])));
+      const __m512i r0 = _mm512_unpacklo_epi64(a, c), r1 = _mm512_unpackhi_epi64(a, c);
+      const __m512i r2 = _mm512_unpacklo_epi64(b, d), r3 = _mm512_unpackhi_epi64(b, d);
+      const __m512i lo01 = _mm512_shuffle_i32x4(r0, r1, 0x44);  // r0.0 r0.1 r1.0 r1.1
+      const __m512i lo23 = _mm512_shuffle_i32x4(r2, r3, 0x44);  // r2.0 r2.1 r3.0 r3.1
+      const __m512i hi01 = _mm512_shuffle_i32x4(r0, r1, 0xEE);  // r0.2 r0.3 r1.2 r1.3
+      const __m512i hi23 = _mm512_shuffle_i32x4(r2, r3, 0xEE);  // r2.2 r2.3 r3.2 r3.3
+      __m512i* out = reinterpret_cast<__m512i*>(words + 4 * (g + 16 * k));
+      _mm512_storeu_si512(out + 0, _mm512_shuffle_i32x4(lo01, lo23, 0x88));
+      _mm512_storeu_si512(out + 1, _mm512_shuffle_i32x4(lo01, lo23, 0xDD));
+      _mm512_storeu_si512(out + 2, _mm512_shuffle_i32x4(hi01, hi23, 0x88));
+      _mm512_storeu_si512(out + 3, _mm512_shuffle_i32x4(hi01, hi23, 0xDD));
     }
   }
 }

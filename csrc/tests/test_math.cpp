@@ -48,6 +48,27 @@ static void philox_known_answers() {
   EXPECT(replaced(0xFFFFFFFFu, 1u << 24) && !replaced(0u, 0));
 }
 
+static void philox_uniform_lanes() {
+  // philox_rounds_uniform (c1..c3 shared by the lanes) gives the same words
+  // as the general rounds, for keys and counters with high bits set.
+  const uint64_t seeds[2] = {0x0123456789abcdefull, 0xffffffffffffffffull};
+  const uint64_t j0s[2] = {0x00000007fffffff0ull, 0x0000000000000000ull};
+  for (uint64_t seed : seeds)
+    for (uint64_t j0 : j0s) {
+      const uint64_t offset = seed ^ 0x5555aaaa5555aaaaull;
+      Lanes<8> c0, c1, c2, c3;
+      for (int l = 0; l < 8; ++l) c0.v[l] = static_cast<uint32_t>(j0 + l);
+      philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(j0 >> 32),
+                            static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                            static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+      for (int l = 0; l < 8; ++l) {
+        const U32x4 w = mask_words(j0 + l, seed, offset);
+        EXPECT(c0.v[l] == w.v[0] && c1.v[l] == w.v[1] && c2.v[l] == w.v[2] &&
+               c3.v[l] == w.v[3]);
+      }
+    }
+}
+
 static void rounding_and_clamping() {
   const Channel ch = make_channel(1.0f, 0.0f, -8.0f, 7.0f);
   // half to even
@@ -104,6 +125,7 @@ static void gradients() {
 
 int main() {
   philox_known_answers();
+  philox_uniform_lanes();
   rounding_and_clamping();
   gradients();
   if (failures == 0) std::printf("pege_math: all checks passed\n");
