@@ -1,7 +1,8 @@
 """Kernel benchmark: the PEGE op against STE-family baselines and a copy.
 
 For each size, dtype and quantization mode, times forward, backward and
-forward+backward (best of --reps after one warm-up), and reports effective
+forward+backward of every method in --rounds interleaved rounds (each figure
+is the best over them; see time_methods), and reports effective
 GB/s = minimal bytes / time (fwd: read x + write y; bwd: read dy + read x +
 write dx) and that as % of a plain copy (x.clone(), which allocates its output
 like the op does) of the same tensor, measured in the same run. Also reports
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import os
 import platform
 import time
@@ -67,19 +69,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def best_time(fn, device, reps, min_total=0.25, max_reps=100):
-    """Best of at least `reps` runs, repeated until min_total seconds pass."""
-    fn()
-    sync(device)
-    times = []
-    while len(times) < reps or (sum(times) < min_total and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def inputs(n, dtype, axis, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (n,) if axis is None else (256, n // 256)
@@ -91,23 +80,70 @@ def inputs(n, dtype, axis, device):
     return x, dy, s, z
 
 
-def time_method(f, x, dy, s, z, device, reps):
-    """{pass: seconds}; a pass the method does not support is left out."""
-    xs, ss, zs = (t.detach().clone().requires_grad_(True) for t in (x, s, z))
-    out = {}
-    try:
-        out["fwd"] = best_time(lambda: f(xs, ss, zs), device, reps)
-        y = f(xs, ss, zs)
+def once(fn, device):
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+class Timed:
+    """One method's passes on its own leaf copies of the inputs: "fwd",
+    "bwd" (through a kept graph) and "full" (fwd+bwd); "copy" has fwd only."""
+
+    def __init__(self, f, x, dy, s, z, device, copy=False):
+        self.device = device
+        self.best = {}
+        self.error = None
+        if copy:
+            self.passes = {"fwd": x.clone}
+            return
+        xs, ss, zs = (t.detach().clone().requires_grad_(True) for t in (x, s, z))
         grads = [xs, ss, zs]
-        out["bwd"] = best_time(
-            lambda: torch.autograd.grad(y, grads, dy, retain_graph=True, allow_unused=True),
-            device, reps)
-        out["full"] = best_time(
-            lambda: torch.autograd.grad(f(xs, ss, zs), grads, dy, allow_unused=True),
-            device, reps)
-    except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype a baseline lacks
-        out["error"] = str(err).splitlines()[0][:80]
-    return out
+        self.y = None
+
+        def bwd():
+            torch.autograd.grad(self.y, grads, dy, retain_graph=True, allow_unused=True)
+
+        self.passes = {
+            "fwd": lambda: f(xs, ss, zs),
+            "bwd": bwd,
+            "full": lambda: torch.autograd.grad(f(xs, ss, zs), grads, dy, allow_unused=True),
+        }
+        try:
+            self.y = f(xs, ss, zs)
+        except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype a baseline lacks
+            self.error = str(err).splitlines()[0][:80]
+
+    def warm_up(self, round_time):
+        """Runs each pass once; returns {pass: runs per round} so that a round
+        spends about round_time seconds on each pass (at least one run)."""
+        self.runs = {}
+        for name, fn in self.passes.items():
+            est = once(fn, self.device)
+            if est < round_time:  # the first run may pay one-off costs
+                est = min(est, once(fn, self.device))
+            self.runs[name] = max(1, min(50, int(round_time / max(est, 1e-6))))
+
+    def round(self):
+        for name, fn in self.passes.items():
+            for _ in range(self.runs[name]):
+                sec = once(fn, self.device)
+                self.best[name] = min(sec, self.best.get(name, sec))
+
+
+def time_methods(timed, rounds, round_time):
+    """Best time of each pass of each method over `rounds` interleaved rounds:
+    every round runs every method (in a rotating order), so a slow phase of the
+    machine lands on all methods alike instead of on whichever ran then."""
+    live = [t for t in timed if t.error is None]
+    for t in live:
+        t.warm_up(round_time)
+    for r in range(rounds):
+        for t in live[r % len(live):] + live[:r % len(live)]:
+            t.round()
+    for t in live:
+        t.y = None  # frees the kept graph
 
 
 def saved_bytes_per_element(f, x, s, z):
@@ -129,7 +165,26 @@ def parse_size(text):
     return int(float(text.rstrip("KMG")) * mult)
 
 
-def describe(device):
+def keep_freed_memory():
+    """Asks glibc to serve every block from its heap (no mmap) and never to
+    trim the heap, so memory a method frees is reused by the next call instead
+    of going back to the OS. Returns whether glibc took both settings.
+
+    Without it each 64M-element output is a fresh mmap whose first touch pays
+    a page fault per page; on a VM that reports freed memory to its host
+    (virtio-balloon free page reporting) the host faults as well, and that
+    cost varies by an order of magnitude between runs. It is the allocator's
+    cost, not the kernel's; the setting applies to every method alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    # A trim threshold of -1 reads as SIZE_MAX: never trim.
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
+
+
+def describe(device, allocator):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -144,7 +199,8 @@ def describe(device):
     except ImportError:
         tv = "none"
     return (f"device: {name}; torch {torch.__version__}; triton {tv}; "
-            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
+            f"freed memory: {allocator}")
 
 
 def main(argv=None):
@@ -155,8 +211,15 @@ def main(argv=None):
     ap.add_argument("--modes", default="per-tensor,per-channel")
     ap.add_argument("--backends", default=None,
                     help="fused pege backends to time (default: those available)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds; each figure is the best over them")
+    ap.add_argument("--round-time", type=float, default=0.25,
+                    help="seconds per pass per method per round (at least one run)")
     ap.add_argument("--skip", default="", help="comma-separated method names to leave out")
+    ap.add_argument("--fresh-pages", action="store_true",
+                    help="CPU: leave glibc's allocator as it is (big blocks mmapped and "
+                         "unmapped per call: every output pays page faults); by default "
+                         "freed memory is kept in the process, see keep_freed_memory()")
     ap.add_argument("--out", default="results/bench")
     args = ap.parse_args(argv)
 
@@ -167,7 +230,11 @@ def main(argv=None):
     skip = set(filter(None, args.skip.split(",")))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = describe(device)
+    if device.type == "cpu" and not args.fresh_pages and keep_freed_memory():
+        allocator = "kept in the process (glibc: no mmap, no trim)"
+    else:
+        allocator = "glibc default" if device.type == "cpu" else "torch caching allocator"
+    header = describe(device, allocator)
     print(header)
     rows, saved_rows = [], []
     for mode in args.modes.split(","):
@@ -179,26 +246,25 @@ def main(argv=None):
                 n = parse_size(size_text)
                 x, dy, s, z = inputs(n, dtype, axis, device)
                 e = x.element_size()
-                copy_s = best_time(x.clone, device, args.reps)
-                copy_gbps = 2 * e * n / copy_s / 1e9
-                rows.append(dict(mode=mode, dtype=dtype_name, size=size_text, method="copy",
-                                 pass_="fwd", ms=copy_s * 1e3, gbps=copy_gbps, pct_copy=100.0))
-                for name, f in meths.items():
-                    res = time_method(f, x, dy, s, z, device, args.reps)
-                    if "error" in res:
-                        print(f"  {name} {mode} {dtype_name} {size_text}: n/a ({res['error']})")
-                    for pass_, sec in res.items():
-                        if pass_ == "error":
-                            continue
+                timed = {"copy": Timed(None, x, dy, s, z, device, copy=True)}
+                timed.update({name: Timed(f, x, dy, s, z, device) for name, f in meths.items()})
+                time_methods(list(timed.values()), args.rounds, args.round_time)
+                copy_gbps = 2 * e * n / timed["copy"].best["fwd"] / 1e9
+                for name, t in timed.items():
+                    if t.error is not None:
+                        print(f"  {name} {mode} {dtype_name} {size_text}: n/a ({t.error})")
+                        continue
+                    for pass_, sec in t.best.items():
                         nbytes = {"fwd": 2, "bwd": 3, "full": 5}[pass_] * e * n
                         gbps = nbytes / sec / 1e9
                         rows.append(dict(mode=mode, dtype=dtype_name, size=size_text,
                                          method=name, pass_=pass_, ms=sec * 1e3, gbps=gbps,
                                          pct_copy=100 * gbps / copy_gbps))
-                    if size_text == args.sizes.split(",")[0] and "error" not in res:
+                    if name != "copy" and size_text == args.sizes.split(",")[0]:
                         saved_rows.append(dict(mode=mode, dtype=dtype_name, method=name,
                                                bytes_per_element=saved_bytes_per_element(
-                                                   f, x, s, z)))
+                                                   meths[name], x, s, z)))
+                del timed
                 print(f"done: {mode} {dtype_name} {size_text}", flush=True)
     write(rows, saved_rows, out_dir, header)
 
