@@ -1,5 +1,8 @@
 """The random numbers: Philox known answers, mask statistics and agreement."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,3 +59,29 @@ def test_other_seed_or_offset_gives_other_mask():
 def test_masks_bit_identical_across_backends(backend, shape, seed, offset):
     ref = pk.replacement_mask(shape, 0.37, seed, offset, backend="reference")
     assert torch.equal(pk.replacement_mask(shape, 0.37, seed, offset, backend=backend), ref)
+
+
+PORTABLE_PATH = """
+import torch, pege_kernels as pk
+for shape, seed, offset in [((4097,), 12345, 678), ((70001,), 2**40 + 7, 2**33 + 1)]:
+    for ratio in (0.37, 0.9):
+        ref = pk.replacement_mask(shape, ratio, seed, offset, backend="reference")
+        assert torch.equal(pk.replacement_mask(shape, ratio, seed, offset, backend="cpu"), ref)
+x = torch.randn(70001) * 0.5
+s, z = torch.tensor([0.05]), torch.tensor([3.0])
+for backend in ("reference", "cpu"):
+    y = pk.fake_quantize(x, s, z, -8, 7, ratio=0.5, seed=5, offset=9, backend=backend)
+    assert backend == "reference" or torch.equal(y, ref_y)
+    ref_y = y
+print("ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in pk.available_backends(), reason="no compiled CPU kernels")
+def test_cpu_portable_philox_path():
+    """The CPU kernels' portable Philox lanes (used where AVX-512 is missing)
+    give the reference's masks; PEGE_NO_AVX512_PHILOX=1 selects them here."""
+    env = dict(os.environ, PEGE_NO_AVX512_PHILOX="1")
+    out = subprocess.run([sys.executable, "-c", PORTABLE_PATH], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

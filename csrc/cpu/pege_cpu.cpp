@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -17,7 +18,13 @@
 #include "../pege_ops.h"
 #include "philox_avx512.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// x86-64-v4 (AVX-512 F/BW/DQ/VL) rather than plain avx512f: without BW, 16-bit
+// elements (fp16, bf16) are not handled in 512-bit registers and their loops
+// run at half width. GCC 12 is the first to dispatch on it.
+#define PEGE_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PEGE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PEGE_MULTIVERSION
@@ -31,7 +38,11 @@ constexpr int64_t kChunk = 64 * 1024;  // elements per parallel work item
 constexpr int kLanes = 16;             // fp32 accumulators per run
 
 #ifdef PEGE_HAVE_AVX512_PHILOX
+// PEGE_NO_AVX512_PHILOX=1 (read at load) takes the portable lane path, so
+// that tests on an AVX-512 machine cover it too.
 const bool kAvx512 = [] {
+  const char* off = std::getenv("PEGE_NO_AVX512_PHILOX");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
   __builtin_cpu_init();  // may run before libgcc's own initialisation
   return __builtin_cpu_supports("avx512f") != 0;
 }();
