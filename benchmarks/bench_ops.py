@@ -116,14 +116,18 @@ class Timed:
             self.error = str(err).splitlines()[0][:80]
 
     def warm_up(self, round_time):
-        """Runs each pass once; returns {pass: runs per round} so that a round
-        spends about round_time seconds on each pass (at least one run)."""
+        """Runs each pass once or twice and sets self.runs, {pass: runs per
+        round}, so that a round spends about round_time seconds on each pass
+        (at least one run). A pass that fails marks the method as failed."""
         self.runs = {}
-        for name, fn in self.passes.items():
-            est = once(fn, self.device)
-            if est < round_time:  # the first run may pay one-off costs
-                est = min(est, once(fn, self.device))
-            self.runs[name] = max(1, min(50, int(round_time / max(est, 1e-6))))
+        try:
+            for name, fn in self.passes.items():
+                est = once(fn, self.device)
+                if est < round_time:  # the first run may pay one-off costs
+                    est = min(est, once(fn, self.device))
+                self.runs[name] = max(1, min(50, int(round_time / max(est, 1e-6))))
+        except (RuntimeError, NotImplementedError) as err:
+            self.error = str(err).splitlines()[0][:80]
 
     def round(self):
         for name, fn in self.passes.items():
@@ -136,13 +140,14 @@ def time_methods(timed, rounds, round_time):
     """Best time of each pass of each method over `rounds` interleaved rounds:
     every round runs every method (in a rotating order), so a slow phase of the
     machine lands on all methods alike instead of on whichever ran then."""
+    for t in timed:
+        if t.error is None:
+            t.warm_up(round_time)
     live = [t for t in timed if t.error is None]
-    for t in live:
-        t.warm_up(round_time)
     for r in range(rounds):
         for t in live[r % len(live):] + live[:r % len(live)]:
             t.round()
-    for t in live:
+    for t in timed:
         t.y = None  # frees the kept graph
 
 
