@@ -320,11 +320,11 @@ def plot(out, args, runs, summary, cur_steps):
 
     bits = [b for b in dict.fromkeys(r["bits"] for r in runs) if b != "fp"]
     fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False)
-    for ax, b in zip(axes[0], bits):
+    for ax, b in zip(axes[0], bits, strict=True):
         for est in args.estimator_list:
             curves = [r["curves"]["test_acc"] for r in runs if r["bits"] == b
                       and r["estimator"] == est]
-            mean = [statistics.mean(v) for v in zip(*curves)]
+            mean = [statistics.mean(v) for v in zip(*curves, strict=True)]
             ax.plot(range(1, len(mean) + 1), mean, label=est)
         ax.set_title(f"{args.dataset} {b}")
         ax.set_xlabel("QAT epoch")

@@ -69,7 +69,7 @@ def test_nan_and_inf(backend):
 def test_deterministic_qparam_grads(backend):
     x, (s, z) = randn(1 << 22), qparams(device="cuda")
     a, b = run(backend, x, s, z, **PEGE), run(backend, x, s, z, **PEGE)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 @gpu_backends

@@ -38,7 +38,7 @@ def test_mask_fraction_within_binomial_bounds(ratio):
 def test_masks_nested_as_ratio_grows():
     masks = [pk.replacement_mask((5000,), r, seed=9, offset=4, backend="reference")
              for r in (0.1, 0.3, 0.6, 0.95)]
-    for small, big in zip(masks, masks[1:]):
+    for small, big in zip(masks, masks[1:], strict=False):
         assert bool((small & ~big).sum() == 0) and big.sum() > small.sum()
 
 

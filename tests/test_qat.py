@@ -96,7 +96,7 @@ def test_estimators_set_exactly_their_knobs():
 def test_schedules(kind):
     rs = [schedule(kind, t / 10, math.e - 1, 0.1) for t in range(11)]
     assert rs[0] == pytest.approx(0.1)
-    assert all(b >= a for a, b in zip(rs, rs[1:]))
+    assert all(b >= a for a, b in zip(rs, rs[1:], strict=False))
     assert rs[-1] == pytest.approx(0.1 if kind == "constant" else 1.0)
 
 
