@@ -32,7 +32,7 @@ for dtype in float32 bfloat16; do
   for mode in per-tensor per-channel; do
     step "bench-$dtype-$mode" env PYTHONPATH=$PWD timeout 150 $PY benchmarks/bench_ops.py \
       --device cuda --sizes 16M,64M,256M --dtypes $dtype --modes $mode \
-      --skip "reference eager" --out "$out/bench-$dtype-$mode"
+      --rounds 3 --round-time 0.1 --skip "reference eager" --out "$out/bench-$dtype-$mode"
   done
 done
 exit $status
