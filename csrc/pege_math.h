@@ -122,8 +122,8 @@ PEGE_HD void philox_rounds(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1,
 
 #if !defined(__CUDACC__)
 // The ten rounds for lanes that differ only in c0, with c1..c3 = u1..u3 in
-// every lane (the CPU kernels' counters, (j, offset), away from a 2^32
-// boundary of j). Round 0 multiplies c2 and round 1 c0 while they are still
+// every lane (the CPU kernels' counters (j, offset) within a tile, where j's
+// high word does not change). Round 0 multiplies c2 and round 1 c0 while they are still
 // uniform, once instead of per lane: 18 lane products of 20.
 template <typename U>
 PEGE_HD void philox_rounds_uniform(U& c0, U& c1, U& c2, U& c3, uint32_t u1, uint32_t u2,

@@ -82,6 +82,9 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
   }
   const uint64_t j0 = static_cast<uint64_t>(t0) >> 2;
   const int64_t groups = (n + 3) >> 2;
+  // Tiles start at multiples of kTile, so j0 is a multiple of kTile / 4, a
+  // divisor of 2^32: all groups of a tile share j's high word (j0 >> 32).
+  static_assert((uint64_t{1} << 32) % (kTile / 4) == 0, "a tile never crosses 2^32 in j");
 #ifdef PEGE_HAVE_AVX512_PHILOX
   if (kAvx512) {
     philox_words_avx512(words, j0, (groups + W - 1) / W * W, p.seed, p.offset);
@@ -90,21 +93,10 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
 #endif
   for (int64_t g = 0; g < groups; g += W) {
     Lanes<W> c0, c1, c2, c3;
-    const uint64_t first = j0 + g;
-    for (int l = 0; l < W; ++l) c0.v[l] = static_cast<uint32_t>(first + l);
-    if ((first >> 32) == ((first + W - 1) >> 32)) {
-      philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(first >> 32),
-                            static_cast<uint32_t>(p.offset), static_cast<uint32_t>(p.offset >> 32),
-                            static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
-    } else {
-      for (int l = 0; l < W; ++l) {
-        c1.v[l] = static_cast<uint32_t>((first + l) >> 32);
-        c2.v[l] = static_cast<uint32_t>(p.offset);
-        c3.v[l] = static_cast<uint32_t>(p.offset >> 32);
-      }
-      philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(p.seed),
-                    static_cast<uint32_t>(p.seed >> 32));
-    }
+    for (int l = 0; l < W; ++l) c0.v[l] = static_cast<uint32_t>(j0 + g + l);
+    philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(j0 >> 32),
+                          static_cast<uint32_t>(p.offset), static_cast<uint32_t>(p.offset >> 32),
+                          static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
     uint32_t* out = words + 4 * g;
     for (int l = 0; l < W; ++l) {
       out[4 * l + 0] = c0.v[l];

@@ -54,33 +54,13 @@ void philox_words_avx512(uint32_t* words, uint64_t j0, int64_t groups, uint64_t 
                          uint64_t offset) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g = 0; g < groups; g += 64) {
+    // c1 (j's high word), c2 and c3 (the offset) are the same in all lanes.
     Z4 c0, c1, c2, c3;
-    const uint64_t first = j0 + g, last = first + 63;
-    if ((first >> 32) == (last >> 32)) {
-      // c1 (j's high word), c2 and c3 (the offset) are the same in all lanes.
-      for (int k = 0; k < 4; ++k)
-        c0.v[k] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first + 16 * k)), lane);
-      philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(first >> 32),
-                            static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
-                            static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    } else {
-      for (int k = 0; k < 4; ++k) {
-        const uint64_t base = first + 16 * k;
-        // 16 consecutive group indices; the high word changes at most once
-        // (at a 2^32 boundary), which the per-lane compare below handles.
-        const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane);
-        const __mmask16 wrapped =
-            _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(static_cast<int>(base)));
-        c0.v[k] = lo;
-        c1.v[k] = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(base >> 32)), wrapped,
-                                        _mm512_set1_epi32(static_cast<int>(base >> 32)),
-                                        _mm512_set1_epi32(1));
-        c2.v[k] = _mm512_set1_epi32(static_cast<int>(offset));
-        c3.v[k] = _mm512_set1_epi32(static_cast<int>(offset >> 32));
-      }
-      philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(seed),
-                    static_cast<uint32_t>(seed >> 32));
-    }
+    for (int k = 0; k < 4; ++k)
+      c0.v[k] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 + g + 16 * k)), lane);
+    philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(j0 >> 32),
+                          static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                          static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
     // Words in element order: 4x4 transposes inside each 128-bit lane (r_q
     // then holds group 4L + q in lane L), then a 4x4 transpose of the 128-bit
     // lanes, so that out[m] holds groups 4m .. 4m + 3.
