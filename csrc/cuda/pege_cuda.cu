@@ -1,18 +1,35 @@
 // CUDA launchers and kernels; the math is pege_math.h, shared with the CPU.
 //
-// Each thread handles VEC = 16 bytes of elements (4 fp32 or 8 fp16/bf16) with
-// one 128-bit load/store per tensor and one Philox call per four elements.
-// The vector path needs 16-byte aligned pointers and whole vectors inside one
-// channel run (inner % VEC == 0, or per-tensor); otherwise a scalar path runs
-// (one Philox call per element). No host synchronisation anywhere: scalars go
-// by value, scale/zero point are read on the device, so the ops are safe
-// under CUDA graph capture.
+// Every kernel works in units of whole Philox groups (four consecutive
+// element indices share one Philox call), so no path pays a call per element.
+// Word and element arrays are indexed only with unrolled constants, which
+// keeps them in registers (no local memory).
+//
+//   forward            units of VEC = 16 bytes of elements over the flat index
+//                      (4 fp32 or 8 fp16/bf16); the channel is looked up per
+//                      unit, or per element when a unit spans channels.
+//   backward_runs      grid (segment, channel); units of VEC elements of one
+//                      channel: per-tensor, or per-channel with inner % VEC == 0.
+//   backward_groups    grid (segment, channel); other per-channel layouts with
+//                      inner >= 4: units are the Philox groups overlapping each
+//                      run of `inner` elements of the channel.
+//   backward_columns   inner < 4 (e.g. axis=-1): x as rows of W = channels *
+//                      inner columns; a thread owns four adjacent columns and
+//                      walks rows, so loads are coalesced along the row.
+//
+// Determinism: each backward kernel writes fp32 partials of the scale and
+// zero-point sums laid out as [segments, columns]; finalize_kernel adds them
+// in a fixed order. Segments, units and the order of every addition depend on
+// the sizes and dtype only, never on pointer alignment (an unaligned tensor
+// takes scalar loads over the same units) or the GPU. No host synchronisation
+// anywhere, so the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../pege_math.h"
 #include "../pege_ops.h"
@@ -21,32 +38,73 @@ namespace pege {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kColThreadsX = 32;  // backward_columns: column quads per block
+constexpr int kColThreadsY = kThreads / kColThreadsX;
 
 template <typename T, int VEC>
 struct alignas(16) Pack {
   T v[VEC];
 };
 
-// Word of element i within the words of its own vector (i0 = vector start, a
-// multiple of 4), or a fresh Philox call on the scalar path.
-struct Words {
-  uint32_t v[8];
-};
-
-template <int VEC>
-__device__ __forceinline__ Words vector_words(int64_t i0, const QuantParams& p) {
-  Words w;
-#pragma unroll
-  for (int g = 0; g < VEC / 4; ++g) {
-    const U32x4 r = mask_words(static_cast<uint64_t>(i0 >> 2) + g, p.seed, p.offset);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) w.v[4 * g + k] = r.v[k];
+// The output cast, with the NaN bits of torch's CPU conversion (bf16 0x7FC0;
+// fp16 0x7E00 with the sign kept) where the device intrinsics give 0x7FFF, so
+// every backend returns the same bits.
+template <typename T>
+__device__ __forceinline__ T to_out(float v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return v != v ? at::BFloat16(0x7FC0, at::BFloat16::from_bits()) : at::BFloat16(v);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    const uint16_t nan = (__float_as_uint(v) >> 16 & 0x8000u) | 0x7E00u;
+    return v != v ? at::Half(nan, at::Half::from_bits()) : at::Half(v);
+  } else {
+    return v;
   }
-  return w;
 }
 
-__device__ __forceinline__ uint32_t element_word(int64_t i, const QuantParams& p) {
-  return mask_words(static_cast<uint64_t>(i >> 2), p.seed, p.offset).v[i & 3];
+// Words of the 4 * G elements starting at i0 (a multiple of 4). Ratios 0
+// and 1 need no Philox: constant words that compare false / true.
+template <int G>
+__device__ __forceinline__ void group_words(int64_t i0, const QuantParams& p,
+                                            uint32_t (&w)[4 * G]) {
+  const bool all = p.threshold >= (1u << 24), none = p.threshold == 0;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    U32x4 r{{0u, 0u, 0u, 0u}};
+    if (none) r = U32x4{{~0u, ~0u, ~0u, ~0u}};
+    if (!all && !none) r = mask_words(static_cast<uint64_t>(i0 >> 2) + g, p.seed, p.offset);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[4 * g + k] = r.v[k];
+  }
+}
+
+// Elements [i0, i0 + n) as fp32 (n <= VEC): one 128-bit load when the unit is
+// whole and aligned, otherwise guarded scalar loads.
+template <bool ALIGNED, typename T, int VEC>
+__device__ __forceinline__ void load_unit(const T* __restrict__ src, int64_t i0, int n,
+                                          float (&v)[VEC]) {
+  if (ALIGNED && n == VEC) {
+    const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(src + i0);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(in.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = k < n ? static_cast<float>(src[i0 + k]) : 0.0f;
+  }
+}
+
+template <bool ALIGNED, typename T, int VEC>
+__device__ __forceinline__ void store_unit(T* __restrict__ dst, int64_t i0, int n,
+                                           const float (&v)[VEC]) {
+  if (ALIGNED && n == VEC) {
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out.v[k] = to_out<T>(v[k]);
+    *reinterpret_cast<Pack<T, VEC>*>(dst + i0) = out;
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (k < n) dst[i0 + k] = to_out<T>(v[k]);
+  }
 }
 
 __device__ __forceinline__ Channel channel_at(int64_t c, const float* s, const float* z,
@@ -54,47 +112,65 @@ __device__ __forceinline__ Channel channel_at(int64_t c, const float* s, const f
   return make_channel(s[c], z[c], p.qmin, p.qmax);
 }
 
+// y of one element: the whole forward contract in one place.
+__device__ __forceinline__ float forward_value(float x, Channel ch, uint32_t word,
+                                               const QuantParams& p) {
+  return replaced(word, p.threshold) ? quantize(x, ch, p.qmin, p.qmax).q : x;
+}
+
+// dx of one element; adds its scale / zero-point terms to acc_s / acc_z.
+__device__ __forceinline__ float backward_value(float g, float x, Channel ch, uint32_t word,
+                                                const QuantParams& p, float& acc_s,
+                                                float& acc_z) {
+  const Grad gr = replaced_grad(g, x, quantize(x, ch, p.qmin, p.qmax), ch, p.lam, p.delta);
+  const bool m = replaced(word, p.threshold);
+  acc_s += m ? gr.gs : 0.0f;
+  acc_z += m ? gr.gz : 0.0f;
+  return m ? gr.gx : g;
+}
+
 // ------------------------------------------------------------------ forward
-template <typename T, int VEC, bool VECTOR>
+// UNIFORM: a unit never spans two channels (per-tensor, or inner % VEC == 0).
+template <typename T, int VEC, bool UNIFORM, bool ALIGNED>
 __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y,
                                const float* __restrict__ s, const float* __restrict__ z,
                                QuantParams p) {
-  const int64_t units = VECTOR ? (p.numel + VEC - 1) / VEC : p.numel;
+  const int64_t units = (p.numel + VEC - 1) / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
        u += stride) {
-    if (VECTOR) {
-      const int64_t i0 = u * VEC;
-      const Channel ch = channel_at((i0 / p.inner) % p.channels, s, z, p);
-      const Words w = vector_words<VEC>(i0, p);
-      if (i0 + VEC <= p.numel) {
-        Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + i0), out;
+    const int64_t i0 = u * VEC;
+    const int n = static_cast<int>(VEC < p.numel - i0 ? VEC : p.numel - i0);
+    uint32_t w[VEC];
+    group_words<VEC / 4>(i0, p, w);
+    float v[VEC];
+    load_unit<ALIGNED>(x, i0, n, v);
+    if (UNIFORM) {
+      const Channel ch = channel_at(p.channels == 1 ? 0 : (i0 / p.inner) % p.channels, s, z, p);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float xf = static_cast<float>(in.v[k]);
-          const float q = quantize(xf, ch, p.qmin, p.qmax).q;
-          out.v[k] = static_cast<T>(replaced(w.v[k], p.threshold) ? q : xf);
-        }
-        *reinterpret_cast<Pack<T, VEC>*>(y + i0) = out;
-      } else {
-        for (int64_t i = i0; i < p.numel; ++i) {
-          const float xf = static_cast<float>(x[i]);
-          const float q = quantize(xf, ch, p.qmin, p.qmax).q;
-          y[i] = static_cast<T>(replaced(w.v[i - i0], p.threshold) ? q : xf);
-        }
-      }
+      for (int k = 0; k < VEC; ++k) v[k] = forward_value(v[k], ch, w[k], p);
     } else {
-      const Channel ch = channel_at((u / p.inner) % p.channels, s, z, p);
-      const float xf = static_cast<float>(x[u]);
-      const float q = quantize(xf, ch, p.qmin, p.qmax).q;
-      y[u] = static_cast<T>(replaced(element_word(u, p), p.threshold) ? q : xf);
+      // Walk channel runs from the unit's first element on.
+      int64_t c = (i0 / p.inner) % p.channels, pos = i0 % p.inner;
+      Channel ch = channel_at(c, s, z, p);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (pos == p.inner) {
+          pos = 0;
+          c = c + 1 == p.channels ? 0 : c + 1;
+          ch = channel_at(c, s, z, p);
+        }
+        v[k] = forward_value(v[k], ch, w[k], p);
+        ++pos;
+      }
     }
+    store_unit<ALIGNED>(y, i0, n, v);
   }
 }
 
 // ----------------------------------------------------------------- backward
-// Block-wide sum in a fixed order (warp shuffles, then one warp over the
-// warp sums): deterministic for a given launch shape.
+// Block-wide sum of a 1-D block in a fixed order (warp shuffles, then one
+// warp over the warp sums): deterministic for a given block size.
 __device__ __forceinline__ float block_sum(float v, float* shared) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -107,75 +183,157 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
   return v;
 }
 
-// Grid: x = segments of a channel's outer*inner elements, y = channels.
-// Writes dx and per-(channel, segment) fp32 partials of the scale and
-// zero-point sums; finalize_kernel adds the partials in segment order.
-template <typename T, int VEC, bool VECTOR>
-__global__ void backward_kernel(const T* __restrict__ g, const T* __restrict__ x,
-                                T* __restrict__ dx, const float* __restrict__ s,
-                                const float* __restrict__ z, QuantParams p,
-                                float* __restrict__ part_s, float* __restrict__ part_z) {
+// Block sums of both accumulators to part[blockIdx.x][c] ([segments, channels]).
+__device__ __forceinline__ void write_partials(float acc_s, float acc_z, int64_t c,
+                                               const QuantParams& p, float* part_s,
+                                               float* part_z, float* shared) {
+  acc_s = block_sum(acc_s, shared);
+  acc_z = block_sum(acc_z, shared);
+  if (threadIdx.x == 0) {
+    part_s[blockIdx.x * p.channels + c] = acc_s;
+    part_z[blockIdx.x * p.channels + c] = acc_z;
+  }
+}
+
+template <typename T, int VEC, bool ALIGNED>
+__global__ void backward_runs_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                     T* __restrict__ dx, const float* __restrict__ s,
+                                     const float* __restrict__ z, QuantParams p,
+                                     float* __restrict__ part_s, float* __restrict__ part_z) {
   __shared__ float shared[32];
   const int64_t per_channel = p.numel / p.channels;  // outer * inner
-  const int64_t units = VECTOR ? (per_channel + VEC - 1) / VEC : per_channel;
+  const int64_t units = (per_channel + VEC - 1) / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
     const Channel ch = channel_at(c, s, z, p);
     float acc_s = 0.0f, acc_z = 0.0f;
-    auto element = [&](int64_t i, uint32_t word, float gk, float xk, float& out) {
-      const Grad gr =
-          replaced_grad(gk, xk, quantize(xk, ch, p.qmin, p.qmax), ch, p.lam, p.delta);
-      const bool m = replaced(word, p.threshold);
-      out = m ? gr.gx : gk;
-      acc_s += m ? gr.gs : 0.0f;
-      acc_z += m ? gr.gz : 0.0f;
-    };
     for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
          u += stride) {
-      const int64_t f0 = VECTOR ? u * VEC : u;  // index within the channel
-      const int64_t i0 = (f0 / p.inner * p.channels + c) * p.inner + f0 % p.inner;
-      if (VECTOR && f0 + VEC <= per_channel) {
-        const Words w = vector_words<VEC>(i0, p);
-        const Pack<T, VEC> gv = *reinterpret_cast<const Pack<T, VEC>*>(g + i0);
-        const Pack<T, VEC> xv = *reinterpret_cast<const Pack<T, VEC>*>(x + i0);
-        Pack<T, VEC> out;
+      const int64_t f0 = u * VEC;  // index within the channel
+      const int64_t i0 =
+          p.channels == 1 ? f0 : (f0 / p.inner * p.channels + c) * p.inner + f0 % p.inner;
+      const int n = static_cast<int>(VEC < per_channel - f0 ? VEC : per_channel - f0);
+      uint32_t w[VEC];
+      group_words<VEC / 4>(i0, p, w);
+      float gv[VEC], xv[VEC];
+      load_unit<ALIGNED>(g, i0, n, gv);
+      load_unit<ALIGNED>(x, i0, n, xv);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          float o;
-          element(i0 + k, w.v[k], static_cast<float>(gv.v[k]), static_cast<float>(xv.v[k]), o);
-          out.v[k] = static_cast<T>(o);
-        }
-        *reinterpret_cast<Pack<T, VEC>*>(dx + i0) = out;
-      } else {
-        // the scalar path, and the vector path's tail (per-tensor only)
-        const int64_t n = VECTOR ? per_channel - f0 : 1;
-        for (int64_t k = 0; k < n; ++k) {
-          float o;
-          element(i0 + k, element_word(i0 + k, p), static_cast<float>(g[i0 + k]),
-                  static_cast<float>(x[i0 + k]), o);
-          dx[i0 + k] = static_cast<T>(o);
-        }
+      for (int k = 0; k < VEC; ++k)
+        if (k < n) gv[k] = backward_value(gv[k], xv[k], ch, w[k], p, acc_s, acc_z);
+      store_unit<ALIGNED>(dx, i0, n, gv);
+    }
+    write_partials(acc_s, acc_z, c, p, part_s, part_z, shared);
+  }
+}
+
+template <typename T>
+__global__ void backward_groups_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                       T* __restrict__ dx, const float* __restrict__ s,
+                                       const float* __restrict__ z, QuantParams p,
+                                       float* __restrict__ part_s,
+                                       float* __restrict__ part_z) {
+  __shared__ float shared[32];
+  // A run of `inner` elements overlaps at most (inner + 2) / 4 + 1 groups.
+  const int64_t per_run = (p.inner + 2) / 4 + 1;
+  const int64_t units = p.numel / (p.channels * p.inner) * per_run;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
+    const Channel ch = channel_at(c, s, z, p);
+    float acc_s = 0.0f, acc_z = 0.0f;
+    for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+         u += stride) {
+      const int64_t start = (u / per_run * p.channels + c) * p.inner;
+      const int64_t i0 = ((start >> 2) + u % per_run) * 4;  // the group's first index
+      if (i0 >= start + p.inner) continue;
+      uint32_t w[4];
+      group_words<1>(i0, p, w);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t i = i0 + k;
+        if (i >= start && i < start + p.inner)
+          dx[i] = to_out<T>(backward_value(static_cast<float>(g[i]), static_cast<float>(x[i]),
+                                           ch, w[k], p, acc_s, acc_z));
       }
     }
-    acc_s = block_sum(acc_s, shared);
-    acc_z = block_sum(acc_z, shared);
-    if (threadIdx.x == 0) {
-      part_s[c * gridDim.x + blockIdx.x] = acc_s;
-      part_z[c * gridDim.x + blockIdx.x] = acc_z;
+    write_partials(acc_s, acc_z, c, p, part_s, part_z, shared);
+  }
+}
+
+// Block (32 column quads) x (8 row lanes); blockIdx.y is a segment of rows.
+// Partials go to part[segment][column], columns = channels * inner.
+template <typename T>
+__global__ void backward_columns_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                        T* __restrict__ dx, const float* __restrict__ s,
+                                        const float* __restrict__ z, QuantParams p,
+                                        int64_t rows_per_segment, float* __restrict__ part_s,
+                                        float* __restrict__ part_z) {
+  __shared__ float shared[2][kColThreadsY][kColThreadsX * 4];
+  const int64_t cols = p.channels * p.inner, rows = p.numel / cols;
+  const int64_t q0 = (blockIdx.x * static_cast<int64_t>(kColThreadsX) + threadIdx.x) * 4;
+  const int ty = threadIdx.y;
+  Channel ch[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    ch[k] = channel_at(q0 + k < cols ? (q0 + k) / p.inner : 0, s, z, p);
+  float acc_s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc_z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int64_t r_end = ::min(rows, (blockIdx.y + 1) * rows_per_segment);
+  for (int64_t r = blockIdx.y * rows_per_segment + ty; r < r_end; r += kColThreadsY) {
+    const int64_t i0 = r * cols + q0;
+    // The quad's words: one group when i0 is a multiple of 4, else two
+    // (a depends on the row only, so a warp takes one branch).
+    const int a = static_cast<int>(i0 & 3);
+    uint32_t w[8], w1[4] = {0u, 0u, 0u, 0u};
+    group_words<1>(i0 - a, p, reinterpret_cast<uint32_t(&)[4]>(w));
+    if (a != 0) group_words<1>(i0 - a + 4, p, w1);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[4 + k] = w1[k];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (q0 + k >= cols) continue;
+      const uint32_t word = a == 0 ? w[k] : a == 1 ? w[k + 1] : a == 2 ? w[k + 2] : w[k + 3];
+      dx[i0 + k] = to_out<T>(backward_value(static_cast<float>(g[i0 + k]),
+                                            static_cast<float>(x[i0 + k]), ch[k], word, p,
+                                            acc_s[k], acc_z[k]));
+    }
+  }
+  // Row lanes are added in order 0..7 by the first lane.
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    shared[0][ty][threadIdx.x * 4 + k] = acc_s[k];
+    shared[1][ty][threadIdx.x * 4 + k] = acc_z[k];
+  }
+  __syncthreads();
+  if (ty == 0) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (q0 + k >= cols) continue;
+      float a_s = 0.0f, a_z = 0.0f;
+      for (int t = 0; t < kColThreadsY; ++t) {
+        a_s += shared[0][t][threadIdx.x * 4 + k];
+        a_z += shared[1][t][threadIdx.x * 4 + k];
+      }
+      part_s[blockIdx.y * cols + q0 + k] = a_s;
+      part_z[blockIdx.y * cols + q0 + k] = a_z;
     }
   }
 }
 
+// ds[c] = grad_factor * sum over segments, then over the channel's
+// `per_channel_cols` columns, of part[segment][c * per_channel_cols + col].
 __global__ void finalize_kernel(const float* __restrict__ part_s,
                                 const float* __restrict__ part_z, int64_t segments,
-                                QuantParams p, float* __restrict__ ds, float* __restrict__ dz) {
+                                int64_t per_channel_cols, QuantParams p,
+                                float* __restrict__ ds, float* __restrict__ dz) {
+  const int64_t cols = p.channels * per_channel_cols;
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        c < p.channels; c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float a = 0.0f, b = 0.0f;
-    for (int64_t k = 0; k < segments; ++k) {
-      a += part_s[c * segments + k];
-      b += part_z[c * segments + k];
-    }
+    for (int64_t k = 0; k < segments; ++k)
+      for (int64_t t = 0; t < per_channel_cols; ++t) {
+        a += part_s[k * cols + c * per_channel_cols + t];
+        b += part_z[k * cols + c * per_channel_cols + t];
+      }
     ds[c] = p.grad_factor * a;
     dz[c] = p.grad_factor * b;
   }
@@ -185,9 +343,11 @@ __global__ void mask_kernel(bool* __restrict__ out, QuantParams p) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        j < (p.numel + 3) / 4; j += stride) {
-    const U32x4 w = mask_words(static_cast<uint64_t>(j), p.seed, p.offset);
-    for (int k = 0; k < 4 && 4 * j + k < p.numel; ++k)
-      out[4 * j + k] = replaced(w.v[k], p.threshold);
+    uint32_t w[4];
+    group_words<1>(4 * j, p, w);
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (4 * j + k < p.numel) out[4 * j + k] = replaced(w[k], p.threshold);
   }
 }
 
@@ -201,22 +361,28 @@ bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
+  kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
                      const at::Tensor& zero_point, at::Tensor& y, const QuantParams& p) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int VEC = 16 / sizeof(T);
-    const bool vector = (p.channels == 1 || p.inner % VEC == 0) && aligned16(x) && aligned16(y);
-    const int64_t units = vector ? (p.numel + VEC - 1) / VEC : p.numel;
-    auto kernel = vector ? forward_kernel<T, VEC, true> : forward_kernel<T, VEC, false>;
-    kernel<<<grid_for(units), kThreads, 0, stream>>>(
-        x.data_ptr<T>(), y.data_ptr<T>(), scale.data_ptr<float>(),
-        zero_point.data_ptr<float>(), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool uniform = p.channels == 1 || p.inner % VEC == 0;
+    const bool aligned = aligned16(x) && aligned16(y);
+    auto kernel = uniform ? (aligned ? forward_kernel<T, VEC, true, true>
+                                     : forward_kernel<T, VEC, true, false>)
+                          : (aligned ? forward_kernel<T, VEC, false, true>
+                                     : forward_kernel<T, VEC, false, false>);
+    launch(kernel, grid_for((p.numel + VEC - 1) / VEC), kThreads, x.data_ptr<T>(),
+           y.data_ptr<T>(), scale.data_ptr<float>(), zero_point.data_ptr<float>(), p);
   });
 }
 
@@ -225,40 +391,65 @@ void fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                               at::Tensor& dx, at::Tensor& dscale, at::Tensor& dzero_point,
                               bool qparam_grad, const QuantParams& p) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int VEC = 16 / sizeof(T);
-    const bool vector = (p.channels == 1 || p.inner % VEC == 0) && aligned16(grad) &&
-                        aligned16(x) && aligned16(dx);
-    const int64_t per_channel = p.numel / p.channels;
-    const int64_t units = vector ? (per_channel + VEC - 1) / VEC : per_channel;
-    // Segments per channel: a function of the sizes only, so the reduction
-    // order (hence the result) is the same on every GPU.
-    const int64_t budget = std::max<int64_t>(1, 4096 / std::min<int64_t>(p.channels, 4096));
-    const int64_t segments = std::min(grid_for(units), budget);
+    const T* gp = grad.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    T* dxp = dx.data_ptr<T>();
+    const float* sp = scale.data_ptr<float>();
+    const float* zp = zero_point.data_ptr<float>();
+    // Partials laid out [segments, channels * per_channel_cols]. Segment
+    // counts are functions of the sizes only, so the order of additions is
+    // the same for any alignment and on every GPU.
+    int64_t segments = 1, per_channel_cols = 1;
+    at::Tensor part;
+    const auto partials = [&] {
+      part = at::empty({2, segments * p.channels * per_channel_cols},
+                       x.options().dtype(at::kFloat));
+      return part.data_ptr<float>();
+    };
     const int64_t ychannels = std::min<int64_t>(p.channels, 65535);
-    auto part = at::empty({2, p.channels * segments}, x.options().dtype(at::kFloat));
-    float* part_s = part.data_ptr<float>();
-    float* part_z = part_s + p.channels * segments;
-    auto kernel = vector ? backward_kernel<T, VEC, true> : backward_kernel<T, VEC, false>;
-    kernel<<<dim3(segments, ychannels), kThreads, 0, stream>>>(
-        grad.data_ptr<T>(), x.data_ptr<T>(), dx.data_ptr<T>(), scale.data_ptr<float>(),
-        zero_point.data_ptr<float>(), p, part_s, part_z);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t budget = std::max<int64_t>(1, 4096 / std::min<int64_t>(p.channels, 4096));
+    if (p.channels == 1 || p.inner % VEC == 0) {
+      segments = std::min(grid_for((p.numel / p.channels + VEC - 1) / VEC), budget);
+      float* ps = partials();
+      const bool aligned = aligned16(grad) && aligned16(x) && aligned16(dx);
+      launch(aligned ? backward_runs_kernel<T, VEC, true> : backward_runs_kernel<T, VEC, false>,
+             dim3(segments, ychannels), kThreads, gp, xp, dxp, sp, zp, p, ps,
+             ps + segments * p.channels);
+    } else if (p.inner >= 4) {
+      const int64_t units = p.numel / (p.channels * p.inner) * ((p.inner + 2) / 4 + 1);
+      segments = std::min(grid_for(units), budget);
+      float* ps = partials();
+      launch(backward_groups_kernel<T>, dim3(segments, ychannels), kThreads, gp, xp, dxp, sp,
+             zp, p, ps, ps + segments * p.channels);
+    } else {
+      per_channel_cols = p.inner;
+      const int64_t cols = p.channels * p.inner, rows = p.numel / cols;
+      const int64_t col_blocks = (cols + 4 * kColThreadsX - 1) / (4 * kColThreadsX);
+      // At least 8 rows per thread; about 4096 blocks at most.
+      const int64_t max_segments = std::max<int64_t>(1, 4096 / col_blocks);
+      segments = std::clamp<int64_t>((rows + 8 * kColThreadsY - 1) / (8 * kColThreadsY), 1,
+                                     std::min<int64_t>(max_segments, 65535));
+      const int64_t rows_per_segment = (rows + segments - 1) / segments;
+      float* ps = partials();
+      TORCH_CHECK(col_blocks <= 0x7FFFFFFF, "pege: too many columns for the CUDA kernel");
+      launch(backward_columns_kernel<T>, dim3(col_blocks, segments),
+             dim3(kColThreadsX, kColThreadsY), gp, xp, dxp, sp, zp, p, rows_per_segment, ps,
+             ps + segments * cols);
+    }
     if (qparam_grad) {
-      finalize_kernel<<<grid_for(p.channels), kThreads, 0, stream>>>(
-          part_s, part_z, segments, p, dscale.data_ptr<float>(), dzero_point.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      float* ps = part.data_ptr<float>();
+      launch(finalize_kernel, grid_for(p.channels), kThreads, ps, ps + part.size(1), segments,
+             per_channel_cols, p, dscale.data_ptr<float>(), dzero_point.data_ptr<float>());
     }
   });
 }
 
 void replacement_mask_cuda(at::Tensor& mask, const QuantParams& p) {
   const c10::cuda::CUDAGuard guard(mask.device());
-  mask_kernel<<<grid_for((p.numel + 3) / 4), kThreads, 0,
-                c10::cuda::getCurrentCUDAStream()>>>(mask.data_ptr<bool>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(mask_kernel, grid_for((p.numel + 3) / 4), kThreads, mask.data_ptr<bool>(), p);
 }
 
 }  // namespace pege
