@@ -1,4 +1,5 @@
-"""Build of pege_kernels and its extension pege_kernels._C.
+"""The extension pege_kernels._C; the package metadata is pyproject.toml, the
+sources and flags csrc/build.txt (shared with CMakeLists.txt).
 
 Needs torch at build time: install with `pip install --no-build-isolation .`
 (or `pip wheel --no-build-isolation .`). Environment switches:
@@ -13,11 +14,19 @@ package is still installed without the extension, with a warning.
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _flag(name):
     return os.environ.get(name, "0") not in ("", "0")
+
+
+def build_lists():
+    """name -> items of csrc/build.txt."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "csrc", "build.txt")) as fh:
+        rows = [line.split() for line in fh if line.strip() and not line.startswith("#")]
+    return {row[0]: row[1:] for row in rows}
 
 
 def extensions():
@@ -28,20 +37,17 @@ def extensions():
 
     with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
     with_cuda = with_cuda and not _flag("PEGE_FORCE_CPU")
-    sources = ["csrc/pege_ops.cpp", "csrc/cpu/pege_cpu.cpp", "csrc/cpu/philox_avx512.cpp",
-               "csrc/python_module.cpp"]
-    # No FMA contraction and no fast math: the kernels must reproduce the
-    # reference's fp32 operations bit for bit.
-    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno",
-           "-fno-trapping-math", "-fopenmp"]
+    lists = build_lists()
+    sources = lists["cxx_sources"] + lists["python_sources"]
+    cxx = list(lists["cxx_flags"])
     args = {"cxx": cxx}
     ext_cls = ce.CppExtension
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        sources.append("csrc/cuda/pege_cuda.cu")
+        sources += lists["cuda_sources"]
         cxx.append("-DPEGE_WITH_CUDA")
-        args["nvcc"] = ["-O3", "--fmad=false", "-DPEGE_WITH_CUDA"]
+        args["nvcc"] = lists["nvcc_flags"] + ["-DPEGE_WITH_CUDA"]
         ext_cls = ce.CUDAExtension
     ext = ext_cls("pege_kernels._C", sources, extra_compile_args=args,
                   extra_link_args=["-fopenmp"])
@@ -65,15 +71,4 @@ def _tolerant_build_ext(base):
 
 
 ext_modules, cmdclass = extensions()
-setup(
-    name="pege_kernels",
-    version="0.1.0",
-    description="Fused PEGE fake-quantization kernels for quantization-aware training",
-    packages=find_packages(include=["pege_kernels", "pege_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    entry_points={"console_scripts": ["pege-train=pege_kernels.train:main"]},
-    extras_require={"train": ["scikit-learn", "tqdm", "matplotlib"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

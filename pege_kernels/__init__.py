@@ -8,6 +8,6 @@ from .ao import PEGEFakeQuantize
 from .functional import available_backends, fake_quantize, replacement_mask
 from .qat import Curriculum, convert, prepare_qat
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place; pyproject.toml reads it
 __all__ = ["Curriculum", "PEGEFakeQuantize", "available_backends", "convert", "fake_quantize",
            "nn", "prepare_qat", "replacement_mask", "__version__"]
