@@ -1,13 +1,15 @@
 """QAT modules over the PEGE op: Quantizer, QuantLinear, QuantConv2d.
 
 A Quantizer holds one tensor's quantization state. Its estimator picks what
-the op's backward does: "ste" (ratio 1, lam 0), "ewgs" (ratio 1, delta > 0) or
-"pege" (ratio from the curriculum, lam >= 0). In eval mode every estimator
-uses ratio 1, so evaluation measures the fully quantized model.
+the op's backward does: "ste" (ratio 1, lam 0), "ewgs" (ratio 1, delta > 0),
+"pege" (ratio from the curriculum, lam >= 0) or "pege+ewgs" (both). In eval
+mode every estimator uses ratio 1, so evaluation measures the fully quantized
+model.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,22 +17,56 @@ from torch import nn
 
 from .functional import fake_quantize
 
-ESTIMATORS = ("ste", "ewgs", "pege")
-PRESETS = ("lsq", "pact", "dorefa", "minmax")
+# "pege+ewgs": PEGE's curriculum and lam with EWGS's delta, in the same op call.
+ESTIMATORS = ("ste", "ewgs", "pege", "pege+ewgs")
 ROLES = ("weight", "activation")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How a preset sets, learns and applies its scale.
+
+    learnable: scale is an nn.Parameter (kept positive through |s|).
+    observe: "mean" (LSQ's first-batch 2*mean|x|/sqrt(qmax)), "amax" (EMA of
+        max|x| / qmax in training) or None (the scale starts at init_scale).
+    unsigned: forces an unsigned integer range.
+    init_scale: a function of qmax giving the initial scale, or None (no
+        scale state: the fixed scale 1/qmax of the tanh-normalised weight).
+    tanh: DoReFa's weight transform, x -> tanh(x)/(2 max|tanh x|) + 1/2 in,
+        y -> 2y - 1 out.
+    """
+    learnable: bool
+    observe: str | None
+    unsigned: bool
+    init_scale: object
+    tanh: bool = False
+
+
+PRESETS = {
+    "lsq": Preset(learnable=True, observe="mean", unsigned=False, init_scale=lambda qmax: 1.0),
+    # PACT: the clipping level alpha = scale * qmax, starting at 6.
+    "pact": Preset(learnable=True, observe=None, unsigned=True,
+                   init_scale=lambda qmax: 6.0 / qmax),
+    "dorefa": Preset(learnable=False, observe=None, unsigned=True, init_scale=None, tanh=True),
+    "minmax": Preset(learnable=False, observe="amax", unsigned=False,
+                     init_scale=lambda qmax: 1.0),
+}
 
 
 class Quantizer(nn.Module):
     """Fake-quantizes one tensor (a layer's weight or its input activation).
 
+    estimator: "ste" (ratio 1, lam 0), "ewgs" (ratio 1, delta), "pege" (ratio
+        from the curriculum, lam) or "pege+ewgs" (both).
     bits, signed: the integer range (signed: [-2^(b-1), 2^(b-1)-1]).
     axis, channels: per-channel along `axis` with `channels` scales, or
         per-tensor (axis=None).
-    preset: "lsq" (learnable scale, initialised to 2*mean|x|/sqrt(qmax) on the
-        first batch, gradient scale 1/sqrt(numel_per_channel*qmax)); "pact"
-        (activations: learnable clipping level alpha, scale = alpha/qmax);
-        "dorefa" (weights: tanh normalisation to [0, 1], fixed scale, mapped
-        back to [-1, 1]); "minmax" (scale from an EMA of max|x|, not learnt).
+    preset: a key of PRESETS: "lsq" (learnable scale, initialised to
+        2*mean|x|/sqrt(qmax) on the first batch, gradient scale
+        1/sqrt(numel_per_channel*qmax)); "pact" (activations: learnable
+        clipping level alpha, scale = alpha/qmax); "dorefa" (weights: tanh
+        normalisation to [0, 1], fixed scale, mapped back to [-1, 1]);
+        "minmax" (scale from an EMA of max|x|, not learnt).
     role: "weight" uses a fixed mask offset (masks nest as the ratio grows);
         "activation" uses offset = the training step (a fresh mask per step).
     """
@@ -45,16 +81,14 @@ class Quantizer(nn.Module):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         for name, v in (("lam", lam), ("delta", delta)):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if preset == "dorefa":
-            signed = False  # the tanh-normalised weight lies in [0, 1]
-        if preset == "pact":
-            signed = False  # clipping to [0, alpha]
+        self.spec = PRESETS[preset]
+        signed = signed and not self.spec.unsigned
         if bits == 1 and signed:
             raise ValueError("a signed 1-bit range is empty of steps; use signed=False")
         self.bits, self.signed, self.axis, self.preset = bits, signed, axis, preset
@@ -66,13 +100,16 @@ class Quantizer(nn.Module):
         self.ratio = 1.0  # set by Curriculum for "pege"
         self.step = 0     # activation mask offset, set by Curriculum
         n = channels if axis is not None else 1
-        init = torch.full((n,), 6.0 / self.quant_max if preset == "pact" else 1.0)
-        if preset in ("lsq", "pact"):
-            self.scale = nn.Parameter(init)
+        if self.spec.init_scale is None:
+            self.register_buffer("scale", torch.full((n,), 1.0 / self.quant_max))
         else:
-            self.register_buffer("scale", init)
+            init = torch.full((n,), float(self.spec.init_scale(self.quant_max)))
+            if self.spec.learnable:
+                self.scale = nn.Parameter(init)
+            else:
+                self.register_buffer("scale", init)
         self.register_buffer("zero_point", torch.zeros(n))
-        self.register_buffer("initialized", torch.tensor(preset in ("pact", "dorefa")))
+        self.register_buffer("initialized", torch.tensor(self.spec.observe is None))
         self._initialized = bool(self.initialized)
         self._register_load_state_dict_pre_hook(self._sync_initialized)
 
@@ -89,19 +126,20 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x):
-        """LSQ's first-batch init, or the min/max EMA (training only). Under
+        """LSQ's first-batch init, or the max EMA (training only). Under
         torch.distributed the statistic is reduced over ranks, so every
         replica starts from the same scale (the whole global batch's)."""
+        mean = self.spec.observe == "mean"
         a = x.detach().float().abs()
         dims = self._reduce_dims(x)
-        stat = a.mean(dims) if self.preset == "lsq" else a.amax(dims)
+        stat = a.mean(dims) if mean else a.amax(dims)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if self.preset == "lsq":
+            if mean:
                 torch.distributed.all_reduce(stat)
                 stat /= torch.distributed.get_world_size()
             else:
                 torch.distributed.all_reduce(stat, op=torch.distributed.ReduceOp.MAX)
-        if self.preset == "lsq":
+        if mean:
             self.scale.copy_((2 * stat / math.sqrt(self.quant_max)).clamp_min(1e-8))
         else:
             s = (stat / self.quant_max).clamp_min(1e-8)
@@ -112,43 +150,40 @@ class Quantizer(nn.Module):
 
     def settings(self):
         """(ratio, lam, delta) the op gets now, from estimator and mode."""
-        if not self.training or self.estimator != "pege":
-            ratio = 1.0
-        else:
-            ratio = self.ratio
-        lam = self.lam if self.estimator == "pege" else 0.0
-        delta = self.delta if self.estimator == "ewgs" else 0.0
+        progressive = self.estimator.startswith("pege")
+        ratio = self.ratio if self.training and progressive else 1.0
+        lam = self.lam if progressive else 0.0
+        delta = self.delta if self.estimator.endswith("ewgs") else 0.0
         return ratio, lam, delta
 
+    def _grad_factor(self, x) -> float:
+        """LSQ's gradient scale 1/sqrt(numel per channel * qmax); 1 otherwise."""
+        if self.spec.observe != "mean":
+            return 1.0
+        per = x.numel() // self.scale.numel()
+        if self.role == "activation" and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            per *= torch.distributed.get_world_size()  # the global batch, as one process
+        return 1.0 / math.sqrt(max(per, 1) * self.quant_max)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.preset == "dorefa":
+        if self.spec.tanh:
             t = torch.tanh(x)
             x = t / (2 * t.detach().abs().max().clamp_min(1e-8)) + 0.5
-        if (self.preset == "lsq" and not self._initialized) or \
-                (self.preset == "minmax" and self.training):
+        if (self.spec.observe == "mean" and not self._initialized) or \
+                (self.spec.observe == "amax" and self.training):
             self._observe(x)
         ratio, lam, delta = self.settings()
-        if self.preset == "lsq":
-            per = x.numel() // self.scale.numel()
-            if self.role == "activation" and torch.distributed.is_available() \
-                    and torch.distributed.is_initialized():
-                per *= torch.distributed.get_world_size()  # the global batch, as one process
-            grad_factor = 1.0 / math.sqrt(max(per, 1) * self.quant_max)
-        else:
-            grad_factor = 1.0
         # A learnt scale can be pushed through zero by the optimizer; |s| keeps
         # it valid with the same value and gradient while s > 0.
-        scale = self.scale.abs().clamp_min(1e-8) if self.preset in ("lsq", "pact") \
-            else self.scale
-        if self.preset == "dorefa":
-            scale = torch.full_like(self.scale, 1.0 / self.quant_max)
+        scale = self.scale.abs().clamp_min(1e-8) if self.spec.learnable else self.scale
         y = fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max,
                           ratio=ratio, seed=self.seed,
                           offset=self.step if self.role == "activation" else 0,
-                          lam=lam, delta=delta, grad_factor=grad_factor,
+                          lam=lam, delta=delta, grad_factor=self._grad_factor(x),
                           axis=None if self.axis is None else self.axis % x.dim(),
                           backend=self.backend)
-        return 2 * y - 1 if self.preset == "dorefa" else y
+        return 2 * y - 1 if self.spec.tanh else y
 
 
 class IntWeight(nn.Module):

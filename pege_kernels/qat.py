@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from . import reference
 from .nn import ESTIMATORS, IntWeight, QuantConv2d, QuantLinear, Quantizer
 
 KINDS = ("log", "linear", "cosine", "exp", "step", "constant")
@@ -113,7 +114,7 @@ class Curriculum:
         for m in self.model.modules():
             if isinstance(m, Quantizer):
                 m.step = self.t
-                if m.estimator == "pege":
+                if m.estimator.startswith("pege"):
                     m.ratio = r
                     if self.lam is not None:
                         m.lam = self.lam * r
@@ -144,12 +145,9 @@ def convert(model: nn.Module) -> nn.Module:
         if wq.preset not in ("lsq", "minmax"):
             raise ValueError(f"convert supports lsq and minmax weight quantizers, "
                              f"not {wq.preset!r}")
-        shape = [1] * m.weight.dim()
-        shape[0] = -1
         s = wq.scale.detach().float()
-        zi = wq.zero_point.round().clamp(wq.quant_min, wq.quant_max)
-        t = torch.round(m.weight.float() * (1.0 / s).reshape(shape)) + zi.reshape(shape)
-        codes = t.clamp(wq.quant_min, wq.quant_max)
+        codes, zi = reference.codes(m.weight.detach(), s, wq.zero_point, wq.quant_min,
+                                    wq.quant_max, axis=0)
         dtype = torch.int8 if wq.bits <= 8 and wq.signed else torch.int16
         m.weight_quant = IntWeight(codes.to(dtype), s.clone(), zi)
         del m.weight

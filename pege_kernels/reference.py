@@ -74,15 +74,29 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Te
     return t.reshape(shape)
 
 
-def _quantize(x32, s, z, qmin: int, qmax: int):
-    """q, below, above, inv, zi of the contract (all fp32 / bool tensors)."""
+def _codes(x32, s, z, qmin: int, qmax: int):
+    """c = clamp(t, qmin, qmax), below, above, inv, zi of the contract."""
     inv = 1.0 / s
     zi = torch.clamp(torch.round(z), qmin, qmax)
     t = torch.round(x32 * inv) + zi  # torch.round: half to even, as nearbyint
     below, above = t < qmin, t > qmax
     # where-based clamp: a NaN t stays NaN (torch.clamp would do so too).
     c = torch.where(below, qmin, torch.where(above, qmax, t))
+    return c, below, above, inv, zi
+
+
+def _quantize(x32, s, z, qmin: int, qmax: int):
+    """q, below, above, inv, zi of the contract (all fp32 / bool tensors)."""
+    c, below, above, inv, zi = _codes(x32, s, z, qmin, qmax)
     return (c - zi) * s, below, above, inv, zi
+
+
+def codes(x, scale, zero_point, qmin: int, qmax: int, axis: int | None):
+    """The integer codes c (fp32, integer-valued) and zero points zi (shaped
+    like zero_point) of the quantizer: Q(x) = (c - zi) * scale."""
+    c, _, _, _, zi = _codes(x.float(), _per_channel(scale, x, axis),
+                            _per_channel(zero_point, x, axis), qmin, qmax)
+    return c, zi.reshape(zero_point.shape)
 
 
 def forward(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis):

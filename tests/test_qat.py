@@ -82,12 +82,13 @@ def test_minmax_preset_ema():
 
 def test_estimators_set_exactly_their_knobs():
     mk = lambda e: Quantizer(2, estimator=e, lam=0.5, delta=0.3)  # noqa: E731
-    ste, ewgs, pege = mk("ste"), mk("ewgs"), mk("pege")
-    for q in (ste, ewgs, pege):
+    ste, ewgs, pege, both = mk("ste"), mk("ewgs"), mk("pege"), mk("pege+ewgs")
+    for q in (ste, ewgs, pege, both):
         q.ratio = 0.25
     assert ste.settings() == (1.0, 0.0, 0.0)
     assert ewgs.settings() == (1.0, 0.0, 0.3)
     assert pege.settings() == (0.25, 0.5, 0.0)
+    assert both.settings() == (0.25, 0.5, 0.3)
     pege.eval()
     assert pege.settings() == (1.0, 0.5, 0.0)  # eval: fully quantized
 
@@ -200,6 +201,19 @@ def test_torch_ao_qconfig_drop_in():
         cur.step()
     assert math.isfinite(loss.item())
     assert any(isinstance(m, pk.PEGEFakeQuantize) for m in model.modules())
+
+
+def test_torch_ao_range_arguments_and_clamped_zero_point():
+    fq = pk.PEGEFakeQuantize(quant_min=0, quant_max=15)
+    assert (fq.quantizer.bits, fq.quantizer.signed) == (4, False)
+    fq = pk.PEGEFakeQuantize(quant_min=-8, quant_max=7)
+    assert (fq.quantizer.bits, fq.quantizer.signed) == (4, True)
+    with pytest.raises(ValueError, match="b-bit range"):
+        pk.PEGEFakeQuantize(quant_min=-3, quant_max=7)
+    with pytest.raises(TypeError):
+        pk.PEGEFakeQuantize(observer=None)  # unknown arguments are not swallowed
+    fq.quantizer.zero_point.fill_(100.0)
+    assert fq.calculate_qparams()[1].tolist() == [7]
 
 
 @pytest.mark.parametrize("kw,match", [
