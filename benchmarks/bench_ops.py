@@ -80,6 +80,13 @@ def inputs(n, dtype, axis, device):
     return x, dy, s, z
 
 
+def failure(err):
+    """One line naming a method's error: a baseline that lacks a dtype, a
+    backend that fails to compile (Triton's CompilationError), an OOM."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:100]
+
+
 def once(fn, device):
     t0 = time.perf_counter()
     fn()
@@ -110,10 +117,11 @@ class Timed:
             "bwd": bwd,
             "full": lambda: torch.autograd.grad(f(xs, ss, zs), grads, dy, allow_unused=True),
         }
+        # Any exception marks this method n/a; the other methods still run.
         try:
             self.y = f(xs, ss, zs)
-        except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype a baseline lacks
-            self.error = str(err).splitlines()[0][:80]
+        except Exception as err:  # noqa: BLE001
+            self.error = failure(err)
 
     def warm_up(self, round_time):
         """Runs each pass once or twice and sets self.runs, {pass: runs per
@@ -126,14 +134,17 @@ class Timed:
                 if est < round_time:  # the first run may pay one-off costs
                     est = min(est, once(fn, self.device))
                 self.runs[name] = max(1, min(50, int(round_time / max(est, 1e-6))))
-        except (RuntimeError, NotImplementedError) as err:
-            self.error = str(err).splitlines()[0][:80]
+        except Exception as err:  # noqa: BLE001
+            self.error = failure(err)
 
     def round(self):
-        for name, fn in self.passes.items():
-            for _ in range(self.runs[name]):
-                sec = once(fn, self.device)
-                self.best[name] = min(sec, self.best.get(name, sec))
+        try:
+            for name, fn in self.passes.items():
+                for _ in range(self.runs[name]):
+                    sec = once(fn, self.device)
+                    self.best[name] = min(sec, self.best.get(name, sec))
+        except Exception as err:  # noqa: BLE001
+            self.error = failure(err)
 
 
 def time_methods(timed, rounds, round_time):
@@ -144,9 +155,10 @@ def time_methods(timed, rounds, round_time):
         if t.error is None:
             t.warm_up(round_time)
     live = [t for t in timed if t.error is None]
-    for r in range(rounds):
+    for r in range(rounds if live else 0):
         for t in live[r % len(live):] + live[:r % len(live)]:
-            t.round()
+            if t.error is None:
+                t.round()
     for t in timed:
         t.y = None  # frees the kept graph
 
@@ -241,7 +253,7 @@ def main(argv=None):
         allocator = "glibc default" if device.type == "cpu" else "torch caching allocator"
     header = describe(device, allocator)
     print(header)
-    rows, saved_rows = [], []
+    rows, saved_rows, failed = [], [], []
     for mode in args.modes.split(","):
         axis = None if mode == "per-tensor" else 0
         meths = {k: v for k, v in methods(device, axis, backends).items() if k not in skip}
@@ -254,10 +266,12 @@ def main(argv=None):
                 timed = {"copy": Timed(None, x, dy, s, z, device, copy=True)}
                 timed.update({name: Timed(f, x, dy, s, z, device) for name, f in meths.items()})
                 time_methods(list(timed.values()), args.rounds, args.round_time)
-                copy_gbps = 2 * e * n / timed["copy"].best["fwd"] / 1e9
+                copy_sec = timed["copy"].best.get("fwd")
+                copy_gbps = 2 * e * n / copy_sec / 1e9 if copy_sec else float("nan")
                 for name, t in timed.items():
                     if t.error is not None:
-                        print(f"  {name} {mode} {dtype_name} {size_text}: n/a ({t.error})")
+                        failed.append(f"{name} {mode} {dtype_name} {size_text}: {t.error}")
+                        print(f"  {failed[-1]}: n/a", flush=True)
                         continue
                     for pass_, sec in t.best.items():
                         nbytes = {"fwd": 2, "bwd": 3, "full": 5}[pass_] * e * n
@@ -266,21 +280,27 @@ def main(argv=None):
                                          method=name, pass_=pass_, ms=sec * 1e3, gbps=gbps,
                                          pct_copy=100 * gbps / copy_gbps))
                     if name != "copy" and size_text == args.sizes.split(",")[0]:
+                        try:
+                            saved = saved_bytes_per_element(meths[name], x, s, z)
+                        except Exception as err:  # noqa: BLE001
+                            print(f"  {name} {mode} {dtype_name}: saved bytes n/a "
+                                  f"({failure(err)})")
+                            saved = float("nan")
                         saved_rows.append(dict(mode=mode, dtype=dtype_name, method=name,
-                                               bytes_per_element=saved_bytes_per_element(
-                                                   meths[name], x, s, z)))
+                                               bytes_per_element=saved))
                 del timed
                 print(f"done: {mode} {dtype_name} {size_text}", flush=True)
-    write(rows, saved_rows, out_dir, header)
+    write(rows, saved_rows, out_dir, header, failed)
 
 
-def write(rows, saved_rows, out_dir, header):
+def write(rows, saved_rows, out_dir, header, failed=()):
     with open(out_dir / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=["mode", "dtype", "size", "method", "pass_", "ms",
+                                           "gbps", "pct_copy"])
         w.writeheader()
         w.writerows(rows)
     with open(out_dir / "saved_bytes.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(saved_rows[0]))
+        w = csv.DictWriter(fh, fieldnames=["mode", "dtype", "method", "bytes_per_element"])
         w.writeheader()
         w.writerows(saved_rows)
     print("\n| mode | dtype | size | method | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s "
@@ -293,10 +313,13 @@ def write(rows, saved_rows, out_dir, header):
         ms = [f"{by[p]['ms']:.1f}" if p in by else "-" for p in ("fwd", "bwd", "full")]
         print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {' | '.join(ms)} | "
               f"{last['gbps']:.1f} | {last['pct_copy']:.0f}% |")
+    for line in failed:
+        print(f"n/a: {line}")
     print("\nbytes saved for backward per element of x:")
     for r in saved_rows:
         print(f"  {r['mode']:<11} {r['dtype']:<9} {r['method']:<20} {r['bytes_per_element']:.2f}")
-    plot(rows, out_dir / "gbps.png", header)
+    if rows:
+        plot(rows, out_dir / "gbps.png", header)
     print(f"\nwrote {out_dir}/results.csv, saved_bytes.csv, gbps.png")
 
 

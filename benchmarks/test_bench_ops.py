@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pege_kernels as pk
-from bench_ops import inputs, methods
+from bench_ops import inputs, methods, saved_bytes_per_element
 
 BACKENDS = [b for b in pk.available_backends() if b in ("cpu", "cuda")]
 DEVICE = torch.device("cuda" if "cuda" in BACKENDS else "cpu")
@@ -22,3 +22,49 @@ def test_fwd_bwd_1m(benchmark, name):
             torch.cuda.synchronize()
 
     benchmark(step)
+
+
+class KernelBuildError(Exception):
+    """Stands for an exception outside RuntimeError, e.g. Triton's CompilationError."""
+
+
+def test_failing_methods_are_marked_na(monkeypatch, tmp_path, capsys):
+    """A method raising any exception, at construction, in warm-up or in the
+    saved-bytes call, is reported n/a; the others are timed and written out."""
+    import bench_ops
+
+    calls = {"late": 0}
+
+    def broken(x, s, z):
+        raise KernelBuildError("kernel failed to compile")
+
+    def late(x, s, z):  # fails from its second call on: in the warm-up
+        calls["late"] += 1
+        if calls["late"] > 1:
+            raise KernelBuildError()
+        return x * 1.0
+
+    def fine(x, s, z):
+        return x * 2.0
+
+    def no_saved_bytes(x, s, z):  # timed fine; its saved-bytes call fails
+        return x * 3.0
+
+    def saved_bytes(f, *args):
+        if f is no_saved_bytes:
+            raise KernelBuildError("hooks")
+        return saved_bytes_per_element(f, *args)
+
+    monkeypatch.setattr(bench_ops, "saved_bytes_per_element", saved_bytes)
+    monkeypatch.setattr(bench_ops, "methods", lambda *a: {
+        "broken": broken, "late": late, "fine": fine, "no saved bytes": no_saved_bytes})
+    bench_ops.main(["--sizes", "4K", "--dtypes", "float32", "--modes", "per-tensor",
+                    "--rounds", "1", "--round-time", "0.001", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "broken per-tensor float32 4K: KernelBuildError: kernel failed to compile" in out
+    assert "late per-tensor float32 4K: KernelBuildError: " in out
+    assert "no saved bytes per-tensor float32: saved bytes n/a (KernelBuildError: hooks)" in out
+    results = (tmp_path / "results.csv").read_text()
+    assert "fine" in results and "no saved bytes" in results and "copy" in results
+    assert "broken" not in results and "late" not in results
+    assert (tmp_path / "gbps.png").exists()

@@ -14,15 +14,60 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pege_kernels as pk  # noqa: E402
+from pege_kernels import functional  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+FUSED = ("cpu", "cuda", "triton")
+
+
+def fused_backends(device) -> list[str]:
+    """The fused backends that run on tensors of `device` in this process.
+
+    Decided per device, not from available_backends(): that lists triton as
+    soon as a GPU is present, yet triton runs CPU tensors only under
+    TRITON_INTERPRET=1 (and then no CUDA tensors)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
+    return [b for b in FUSED if functional._supports(b, device)]
+
 
 # Fused backends that run on CPU tensors here (triton only under TRITON_INTERPRET=1).
-CPU_KERNELS = [b for b in ("cpu", "triton") if b in pk.available_backends()]
+CPU_KERNELS = fused_backends("cpu")
 
 
 def kernel_backends():
     """Parametrize over the fused CPU backends; an empty list skips the test."""
     return pytest.mark.parametrize("backend", CPU_KERNELS or [pytest.param(
         None, marks=pytest.mark.skip(reason="no fused backend built here"))])
+
+
+def _why_not(backend, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a GPU"
+    if backend == "triton" and device == "cpu":
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    if backend == "triton" and device == "cuda" and INTERPRETED:
+        return "TRITON_INTERPRET=1: Triton runs CPU tensors only"
+    return f"backend {backend!r} is not built for {device} tensors here"
+
+
+def backend_devices(reference=True, devices=("cpu", "cuda")):
+    """Parametrize (backend, device) over every pair where the backend can
+    run on tensors of that device: reference on both, cpu on cpu, cuda on
+    cuda, triton on cuda (on cpu only under the interpreter). The pairs that
+    cannot run here are kept as skipped cases, so a CPU run lists its GPU
+    cases as skipped rather than dropping them."""
+    params = []
+    for device in devices:
+        for backend in (("reference",) if reference else ()) + FUSED:
+            if (backend, device) in (("cpu", "cuda"), ("cuda", "cpu")):
+                continue  # never a pair: the backend names its device
+            ok = backend in fused_backends(device) or (
+                backend == "reference" and (device == "cpu" or torch.cuda.is_available()))
+            marks = () if ok else pytest.mark.skip(reason=_why_not(backend, device))
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return pytest.mark.parametrize("backend,device", params)
 
 
 def qparams(channels=1, scale=0.05, zero_point=3.0, per_channel=False, device="cpu"):
@@ -36,7 +81,9 @@ def qparams(channels=1, scale=0.05, zero_point=3.0, per_channel=False, device="c
 
 def run(backend, x, scale, zp, qmin=-8, qmax=7, grad=None, **kw):
     """(y, dx, dscale, dzp) of fake_quantize on `backend`."""
-    x = x.detach().clone().requires_grad_(True)
+    # detach(), not clone(): a clone of a sliced view is a fresh contiguous,
+    # aligned tensor, and the op would never see the view's strides or offset.
+    x = x.detach().requires_grad_(True)
     s = scale.detach().clone().requires_grad_(True)
     z = zp.detach().clone().requires_grad_(True)
     y = pk.fake_quantize(x, s, z, qmin, qmax, backend=backend, **kw)
@@ -58,10 +105,13 @@ EWGS = dict(ratio=1.0, delta=0.2)
 
 
 def compare(backend, x, s, z, dtype=torch.float32, **kw):
-    """Runs `backend` and the reference on the same inputs and checks the
-    forward exactly and the gradients within TOL[dtype]."""
-    ref = run("reference", x, s, z, **kw)
-    out = run(backend, x, s, z, **kw)
+    """Runs `backend` on x's device and the reference on a CPU copy of the
+    inputs; checks the forward exactly and the gradients within TOL[dtype].
+    Returns (reference, backend) results, both on the CPU."""
+    ref = run("reference", x.cpu(), s.cpu(), z.cpu(), **kw)
+    if backend == "reference" and x.device.type == "cpu":
+        return ref, ref
+    out = tuple(t.cpu() for t in run(backend, x, s, z, **kw))
     (dx_atol, dx_rtol), (q_atol, q_rtol) = TOL[dtype]
     # The forward is exact on every dtype: fp32 math, then one rounding cast.
     assert torch.equal(out[0], ref[0])

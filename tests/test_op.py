@@ -1,88 +1,40 @@
-"""Fused backends against the reference: the op's values and gradients."""
-import os
+"""The op beyond the value matrix (test_matrix.py): which backends the tests
+run where, requested gradients, backend choice, and the GPU-only checks
+(opcheck on CUDA, CUDA graph capture, element indices past 2^31)."""
+import math
 
 import pytest
 import torch
 
 import pege_kernels as pk
+from pege_kernels import functional
+from pege_kernels._checks import ratio_to_threshold
+from pege_kernels.reference import philox4x32_10
 
-from conftest import EWGS, PEGE, compare, kernel_backends, qparams, run
+from conftest import CPU_KERNELS, INTERPRETED, PEGE, backend_devices, fused_backends, qparams, run
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-@kernel_backends()
-@pytest.mark.parametrize("n", [1, 3, 1023, 4097, 70001])
-@pytest.mark.parametrize("settings", [PEGE, EWGS, dict(ratio=0.0)], ids=["pege", "ewgs", "r0"])
-def test_per_tensor_fp32(backend, n, settings):
-    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.5
-    compare(backend, x, *qparams(), **settings)
+HAS_CUDA_BACKEND = "cuda" in fused_backends("cuda")
+needs_cuda_backend = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a GPU and the "
+                                        "extension's CUDA kernels")
 
 
-@kernel_backends()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_dtypes(backend, dtype):
-    x = (torch.randn(3001, generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype)
-    compare(backend, x, *qparams(), dtype=dtype, **PEGE)
+def test_cpu_kernels_run_on_cpu_tensors():
+    """Triton runs CPU tensors only under TRITON_INTERPRET=1, whatever
+    available_backends() says (it lists triton as soon as a GPU is present)."""
+    assert ("triton" in CPU_KERNELS) == (INTERPRETED and functional.triton_fq is not None)
+    assert "cuda" not in CPU_KERNELS
 
 
-@kernel_backends()
-@pytest.mark.parametrize("shape,axis", [((6, 5, 3, 3), 0), ((4, 7, 9), 1), ((5, 3, 17), -1),
-                                        ((2, 1031), 1), ((3000, 2), 0)])
-def test_per_channel(backend, shape, axis):
-    if backend == "triton" and INTERPRETED and shape[axis] > 64:
-        # the interpreter runs one program per channel at ~ms each
-        shape = tuple(37 if d == axis % len(shape) else n for d, n in enumerate(shape))
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 0.4
-    compare(backend, x, *qparams(shape[axis], per_channel=True), axis=axis, **PEGE)
-
-
-@kernel_backends()
-def test_non_contiguous_views(backend):
-    wide = torch.randn(37, 90, generator=torch.Generator().manual_seed(3)) * 0.5
-    for view, axis in ((wide[:, 5:70], None), (wide.t(), 0), (wide[::2, ::3], 1)):
-        assert not view.is_contiguous()
-        s, z = qparams(view.shape[axis], per_channel=True) if axis is not None else qparams()
-        ref, out = compare(backend, view, s, z, axis=axis, **PEGE)
-        # the mask is that of the contiguous copy
-        assert torch.equal(out[0], run(backend, view.contiguous(), s, z, axis=axis, **PEGE)[0])
-
-
-@kernel_backends()
-def test_empty(backend):
-    for shape in ((0,), (3, 0, 2)):
-        y, dx, ds, dz = run(backend, torch.empty(shape), *qparams(), **PEGE)
-        assert y.shape == shape and dx.shape == shape
-        assert ds.item() == 0 and dz.item() == 0
-
-
-@pytest.mark.parametrize("backend", ["reference", *[b for b in ("cpu",) if b in pk.available_backends()]])
-def test_lambda_term_matches_autograd_of_explicit_loss(backend):
-    """dx of lam * 0.5 * sum(m * (x - q)^2), q held constant, as autograd sees it."""
-    lam, x = 0.7, torch.randn(999, generator=torch.Generator().manual_seed(5))
-    s, z = qparams()
-    kw = dict(ratio=0.6, seed=4, offset=1)
-    m = pk.replacement_mask(x.shape, kw["ratio"], kw["seed"], kw["offset"])
-    q = pk.fake_quantize(x, s, z, -8, 7, ratio=1.0, backend="reference")
-    xe = x.clone().requires_grad_(True)
-    (0.5 * lam * (m * (xe - q) ** 2).sum()).backward()
-    zero = torch.zeros_like(x)
-    _, dx_with, _, _ = run(backend, x, s, z, grad=zero, lam=lam, **kw)
-    torch.testing.assert_close(dx_with, xe.grad, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("backend", ["reference", *[b for b in ("cpu",) if b in pk.available_backends()]])
-def test_nan_and_inf(backend):
-    """NaN stays NaN in y, dx (replaced elements) and the scale gradient; +-inf
-    saturate to the range ends, and with lam = 0 their gradients stay finite."""
-    x = torch.tensor([0.1, float("nan"), float("inf"), -float("inf"), 0.2])
-    y, dx, ds, dz = run(backend, x, *qparams(), ratio=1.0, grad=torch.ones(5))
-    assert torch.isnan(y[1]) and torch.isnan(dx[1]) and torch.isnan(ds).all()
-    assert y[2] == (7 - 3) * 0.05 and y[3] == (-8 - 3) * 0.05
-    assert dx[2] == 0 and dx[3] == 0
-    y, dx, ds, dz = run(backend, x[2:], *qparams(), ratio=1.0, grad=torch.ones(3))
-    assert torch.isfinite(ds).all() and torch.isfinite(dz).all()
-    y, dx, _, _ = run(backend, x, *qparams(), ratio=0.0, grad=torch.ones(5))
-    assert torch.isnan(y[1]) and dx[1] == 1  # unreplaced: identity
+def test_fused_backends_on_a_gpu_machine(monkeypatch):
+    """What a GPU machine sees without the interpreter, simulated here."""
+    if functional.triton_fq is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(functional.triton_fq, "INTERPRET", False)
+    assert "triton" in pk.available_backends()
+    assert "triton" not in fused_backends("cpu")
+    assert "triton" in fused_backends("cuda")
+    assert "cpu" not in fused_backends("cuda")
 
 
 def test_only_requested_grads():
@@ -92,8 +44,102 @@ def test_only_requested_grads():
     assert x.grad is not None and s.grad is None and z.grad is None
 
 
-def test_auto_backend_is_a_fused_one_when_built():
-    if "cpu" not in pk.available_backends():
-        pytest.skip("extension not built")
-    from pege_kernels.functional import resolve_backend
-    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+@pytest.mark.parametrize("device,order", [("cpu", ["cpu"]), ("cuda", ["cuda", "triton"])])
+def test_auto_backend_is_a_fused_one_when_built(device, order):
+    """auto takes the first of `order` that runs here (the interpreted Triton
+    is never chosen for CPU tensors: it is for tests only)."""
+    fused = [b for b in order if b in fused_backends(device)]
+    if not fused:
+        pytest.skip(f"no fused backend for {device} tensors here")
+    assert functional.resolve_backend("auto", torch.device(device)) == fused[0]
+
+
+@needs_cuda_backend
+def test_opcheck_cuda():
+    x = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(0)).cuda()
+    s, z = qparams(device="cuda")
+    xs, ss, zs = (t.clone().requires_grad_(True) for t in (x, s, z))
+    torch.library.opcheck(torch.ops.pege.fake_quant.default,
+                          (xs, ss, zs, -8, 7, 1 << 23, 3, 4, None, 0.2, 0.1, 1.0))
+    torch.library.opcheck(torch.ops.pege.fake_quant_backward.default,
+                          (torch.randn_like(x), x, s, z, -8, 7, 1 << 23, 3, 4, None, 0.2, 0.1,
+                           1.0, True))
+
+
+@needs_cuda_backend
+def test_cuda_graph_capture():
+    """No host sync inside the ops: they can be captured and replayed."""
+    x, (s, z) = torch.randn(1 << 16, device="cuda"), qparams(device="cuda")
+    args = (-8, 7, 1 << 23, 3, 4, None, 0.2, 0.0, 1.0)
+    torch.ops.pege.fake_quant(x, s, z, *args)  # warm up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.pege.fake_quant(x, s, z, *args)
+        dx, ds, dz = torch.ops.pege.fake_quant_backward(torch.ones_like(x), x, s, z, *args, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.ops.pege.fake_quant(x, s, z, *args))
+    want = torch.ops.pege.fake_quant_backward(torch.ones_like(x), x, s, z, *args, True)
+    assert all(torch.equal(a, b) for a, b in zip((dx, ds, dz), want, strict=True))
+
+
+# ------------------------------------------------ element indices past 2^31
+def window_mask(start, n, ratio, seed, offset):
+    """The mask of elements start .. start + n - 1 (start % 4 == 0) from the
+    reference's Philox, without the words of the elements before start."""
+    j = torch.arange(start >> 2, (start + n + 3) >> 2, dtype=torch.int64)
+    u32 = 0xFFFFFFFF
+    words = philox4x32_10(j & u32, j >> 32, torch.full_like(j, offset & u32),
+                          torch.full_like(j, offset >> 32), seed & u32, seed >> 32)
+    return (torch.stack(words, dim=1).reshape(-1)[:n] >> 8) < ratio_to_threshold(ratio)
+
+
+def test_window_mask_is_the_reference_mask():
+    ref = pk.replacement_mask((9000,), 0.5, seed=11, offset=2**33 + 3, backend="reference")
+    for start in (0, 4096, 6000):
+        assert torch.equal(window_mask(start, 9000 - start, 0.5, 11, 2**33 + 3), ref[start:])
+
+
+def check_windows(backend, device, axis, big):
+    """bf16 x of just over `big` elements: elements at the start, around index
+    `big` and at the end get the mask of their global index and the
+    reference's values and dx. The reference runs on those windows only: with
+    ratio 1 it gives Q(x) and its dx whatever the index, and window_mask picks
+    per element."""
+    shape = (big + 4099,) if axis is None else (2, big // 2 + 2056)  # inner % 8 == 0
+    numel, channels = math.prod(shape), 1 if axis is None else shape[0]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
+    g = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
+    s, z = qparams(channels, per_channel=axis is not None, device=device)
+    xl, sl, zl = (t.detach().requires_grad_(True) for t in (x, s, z))
+    y = pk.fake_quantize(xl, sl, zl, -8, 7, axis=axis, backend=backend, **PEGE)
+    dx, ds, dz = torch.autograd.grad(y, (xl, sl, zl), g)
+    assert torch.isfinite(ds).all() and torch.isfinite(dz).all()
+    inner = numel // channels
+    for start in (0, big - 4096, (numel - 4096) & ~3):
+        stop = min(start + 8192, numel)
+        c = start // inner % channels
+        assert (stop - 1) // inner % channels == c  # one channel per window
+        xs, gs = x.view(-1)[start:stop].cpu(), g.view(-1)[start:stop].cpu()
+        m = window_mask(start, stop - start, PEGE["ratio"], PEGE["seed"], PEGE["offset"])
+        yq, dxq, _, _ = run("reference", xs, s[c:c + 1].cpu(), z[c:c + 1].cpu(), grad=gs,
+                            **dict(PEGE, ratio=1.0))
+        assert torch.equal(y.view(-1)[start:stop].cpu(), torch.where(m, yq, xs)), start
+        assert torch.equal(dx.view(-1)[start:stop].cpu(), torch.where(m, dxq, gs)), start
+
+
+@backend_devices(reference=False, devices=("cuda",))
+@pytest.mark.parametrize("axis", [None, 0])
+def test_element_indices_past_2_31(backend, device, axis):
+    """No 32-bit index arithmetic: 4.3 GB bf16 tensors (x, grad, y, dx)."""
+    if torch.cuda.mem_get_info()[0] < 5 * 2 * (1 << 31):
+        pytest.skip("needs about 22 GB of free GPU memory")
+    check_windows(backend, device, axis, 1 << 31)
+
+
+@backend_devices(reference=False, devices=("cpu",))
+@pytest.mark.parametrize("axis", [None, 0])
+def test_element_index_windows_small(backend, device, axis):
+    """The same check around index 2^16: checks the check on every CPU path."""
+    check_windows(backend, device, axis, 1 << 16)
