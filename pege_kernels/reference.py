@@ -7,6 +7,8 @@ kernels; only the scale/zero-point sums are reduced in another order.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Philox4x32-10 constants (Random123; the same as Triton's tl.randint).
@@ -74,21 +76,57 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Te
     return t.reshape(shape)
 
 
-def _codes(x32, s, z, qmin: int, qmax: int):
-    """c = clamp(t, qmin, qmax), below, above, inv, zi of the contract."""
+def _int_zero_point(z, qmin: int, qmax: int):
+    """zi = clamp(nearbyint(z), qmin, qmax) of a learned (float) zero point."""
+    return torch.clamp(torch.round(z), qmin, qmax)
+
+
+def _codes_zi(x32, s, zi, qmin: int, qmax: int):
+    """c = clamp(t, qmin, qmax), below, above, inv for an integer zero point zi."""
     inv = 1.0 / s
-    zi = torch.clamp(torch.round(z), qmin, qmax)
     t = torch.round(x32 * inv) + zi  # torch.round: half to even, as nearbyint
     below, above = t < qmin, t > qmax
     # where-based clamp: a NaN t stays NaN (torch.clamp would do so too).
     c = torch.where(below, qmin, torch.where(above, qmax, t))
-    return c, below, above, inv, zi
+    return c, below, above, inv
+
+
+def _quantize_zi(x32, s, zi, qmin: int, qmax: int):
+    """q, below, above, inv for an integer zero point zi (fp32 / bool tensors)."""
+    c, below, above, inv = _codes_zi(x32, s, zi, qmin, qmax)
+    return (c - zi) * s, below, above, inv
+
+
+def _codes(x32, s, z, qmin: int, qmax: int):
+    """c = clamp(t, qmin, qmax), below, above, inv, zi of the contract."""
+    zi = _int_zero_point(z, qmin, qmax)
+    return (*_codes_zi(x32, s, zi, qmin, qmax), zi)
 
 
 def _quantize(x32, s, z, qmin: int, qmax: int):
     """q, below, above, inv, zi of the contract (all fp32 / bool tensors)."""
-    c, below, above, inv, zi = _codes(x32, s, z, qmin, qmax)
-    return (c - zi) * s, below, above, inv, zi
+    zi = _int_zero_point(z, qmin, qmax)
+    return (*_quantize_zi(x32, s, zi, qmin, qmax), zi)
+
+
+def _dx(g, x32, q, below, above, inv, m, lam: float, delta: float):
+    """dx (fp32) of section 5 and gq, the upstream gradient of q."""
+    e = x32 - q
+    in_range = ~(below | above)
+    gx = torch.where(in_range, g * (1 + delta * torch.sign(g) * e * inv), 0.0)
+    gq = g
+    if lam != 0:  # skipped at 0 so that an infinite x keeps finite gradients
+        gx = gx + lam * e
+        gq = g + lam * (q - x32)
+    return torch.where(m, gx, g), gq
+
+
+def _qparam_terms(gq, x32, q, below, above, inv, s, zi, qmin: int, qmax: int, m):
+    """Per-element terms of the scale and zero-point sums of section 5."""
+    in_range = ~(below | above)
+    dq_ds = torch.where(in_range, (q - x32) * inv, torch.where(below, qmin - zi, qmax - zi))
+    dq_dz = torch.where(in_range, 0.0, -s)
+    return torch.where(m, gq * dq_ds, 0.0), torch.where(m, gq * dq_dz, 0.0)
 
 
 def codes(x, scale, zero_point, qmin: int, qmax: int, axis: int | None):
@@ -118,21 +156,13 @@ def backward(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset, ax
     z = _per_channel(zero_point, x, axis)
     q, below, above, inv, zi = _quantize(x32, s, z, qmin, qmax)
     m = replacement_mask(x.shape, threshold, seed, offset, x.device)
-
-    e = x32 - q
-    in_range = ~(below | above)
-    gx = torch.where(in_range, g * (1 + delta * torch.sign(g) * e * inv), 0.0)
-    gq = g
-    if lam != 0:  # skipped at 0 so that an infinite x keeps finite gradients
-        gx = gx + lam * e
-        gq = g + lam * (q - x32)
-    dq_ds = torch.where(in_range, (q - x32) * inv, torch.where(below, qmin - zi, qmax - zi))
-    dq_dz = torch.where(in_range, 0.0, -s)
-    dx = torch.where(m, gx, g).to(x.dtype)
+    dx, gq = _dx(g, x32, q, below, above, inv, m, lam, delta)
+    ts, tz = _qparam_terms(gq, x32, q, below, above, inv, s, zi, qmin, qmax, m)
+    dx = dx.to(x.dtype)
 
     dims = [d for d in range(x.dim()) if axis is None or d != axis]
-    gs = torch.where(m, gq * dq_ds, 0.0).sum(dims)
-    gz = torch.where(m, gq * dq_dz, 0.0).sum(dims)
+    gs = ts.sum(dims)
+    gz = tz.sum(dims)
     return dx, (grad_factor * gs).reshape(scale.shape), (grad_factor * gz).reshape(zero_point.shape)
 
 
@@ -154,3 +184,190 @@ class FakeQuantize(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
                 *([None] * 9))
+
+
+# ---- Per-group and per-token (contract section 9; docs/method.md "Per-group and per-token")
+# Element i of the row-major order is in group i // G: x is viewed as
+# (..., K // G, G) and each group's scale / zero point broadcasts over the last
+# dimension. Per-token is per-group with G = K (group_size=None).
+
+_INT32_MIN = -(1 << 31)
+
+
+def group_size_of(x: torch.Tensor, group_size: int | None) -> int:
+    """G of a per-group call, or x.shape[-1] for per-token (group_size None)."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension for per-group or per-token "
+                         "quantization, got a 0-dim tensor")
+    k = x.shape[-1]
+    if group_size is None:
+        if k == 0:
+            raise ValueError("per-token quantization needs x.shape[-1] >= 1, got 0")
+        return k
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1 (or None: per token), got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide x.shape[-1] = {k}")
+    return group_size
+
+
+def group_shape(x: torch.Tensor, group_size: int | None) -> torch.Size:
+    """Shape of a per-group scale / zero point: x.shape[:-1] + (K // G,)."""
+    return x.shape[:-1] + (x.shape[-1] // group_size_of(x, group_size),)
+
+
+def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """x as (..., K // G, G); a non-contiguous x is copied in row-major order."""
+    g = group_size_of(x, group_size)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+
+
+def _check_group_qparams(x, scale, zero_point, group_size) -> None:
+    shape = group_shape(x, group_size)
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a float32 tensor, got {got}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)} = x.shape[:-1] + "
+                             f"(x.shape[-1] // group_size,), got {tuple(t.shape)}")
+
+
+def check_eps(eps) -> None:
+    if eps is None:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
+            or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0 (or None: the default), got {eps!r}")
+
+
+def _trunc_int32(z: torch.Tensor) -> torch.Tensor:
+    """float -> int32 as torch's cast does it on x86 CPUs (cvttss2si), as fp32:
+    truncation toward zero; NaN, +-inf and values outside int32 give -2^31.
+    torchao casts its zero points so (zero_point_precision int32). Written out
+    so that the reference does not depend on the platform: ARM and CUDA
+    saturate instead, and give 0 for NaN."""
+    zd = z.double()
+    ok = (zd >= float(_INT32_MIN)) & (zd < -float(_INT32_MIN))  # False for NaN
+    return torch.where(ok, torch.trunc(zd), float(_INT32_MIN)).float()
+
+
+@torch.no_grad()
+def group_qparams(x: torch.Tensor, quant_min: int, quant_max: int,
+                  group_size: int | None = None, symmetric: bool = False, eps=None):
+    """Dynamic (data-derived) scale and zero point of each group, with torchao
+    0.18 IntxFakeQuantizer's arithmetic (docs/method.md, "Per-group and per-token").
+
+    x: float32/float16/bfloat16. group_size None: per token (G = x.shape[-1]).
+    The reductions and the scale run in x's dtype, as torchao's do; eps
+    (minimum scale) defaults to 1e-6 for asymmetric per-group and to
+    torch.finfo(x.dtype).smallest_normal otherwise. Returns (scale,
+    zero_point), float32 tensors of shape x.shape[:-1] + (K // G,);
+    zero_point holds integers and is used as is by the dynamic path (not
+    rounded or clamped: torchao's asymmetric per-group zero point can lie
+    outside [quant_min, quant_max]).
+    """
+    check_eps(eps)
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
+    xg = _grouped(x, group_size)
+    per_group_asym = group_size is not None and not symmetric
+    if eps is None:
+        eps = 1e-6 if per_group_asym else torch.finfo(x.dtype).smallest_normal
+    width = float(quant_max - quant_min)
+    lo, hi = torch.amin(xg, dim=-1), torch.amax(xg, dim=-1)  # NaN propagates
+    if not per_group_asym:  # the range always includes 0
+        zero = torch.zeros_like(lo)
+        lo, hi = torch.min(lo, zero), torch.max(hi, zero)
+    if symmetric:
+        s = torch.clamp(torch.max(-lo, hi) / (width / 2), min=eps)
+        z = torch.full_like(s, int((quant_max + quant_min + 1) / 2))
+    elif group_size is None:  # choose_qparams_affine, ASYMMETRIC
+        s = torch.clamp((hi - lo) / width, min=eps)
+        z = torch.clamp(quant_min - torch.round(lo / s), quant_min, quant_max)
+    else:  # get_groupwise_affine_qparams: a float ("tinygemm") zero point
+        s = torch.clamp((hi - lo) / width, min=eps)
+        z = lo + s * ((width + 1) / 2)
+    return s.float(), _trunc_int32(z)
+
+
+def forward_grouped(x, scale, zero_point, qmin, qmax, threshold, seed, offset, group_size,
+                    dynamic: bool = False):
+    """y = m ? q : x with per-group (s, z), fp32 math, returned in x's dtype.
+
+    scale, zero_point: float32, shape x.shape[:-1] + (K // G,). A learned
+    zero point is used as clamp(round(z), qmin, qmax) (section 2); with
+    dynamic=True it is group_qparams' integer zero point, used as is.
+    """
+    xg = _grouped(x, group_size)
+    _check_group_qparams(x, scale, zero_point, group_size)
+    x32 = xg.float()
+    s, z = scale.unsqueeze(-1), zero_point.unsqueeze(-1)
+    zi = z if dynamic else _int_zero_point(z, qmin, qmax)
+    q = _quantize_zi(x32, s, zi, qmin, qmax)[0]
+    m = replacement_mask(xg.shape, threshold, seed, offset, x.device)
+    return torch.where(m, q, x32).to(x.dtype).reshape(x.shape)
+
+
+def backward_grouped(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset,
+                     group_size, lam, delta, grad_factor=1.0, dynamic: bool = False):
+    """(dx, dscale, dzero_point) of section 5 with the scale and zero-point
+    sums taken per group (shaped like scale). dynamic=True: the qparams are
+    constants, so (dx, None, None)."""
+    xg = _grouped(x, group_size)
+    _check_group_qparams(x, scale, zero_point, group_size)
+    x32, g = xg.float(), grad.reshape(xg.shape).float()
+    s, z = scale.unsqueeze(-1), zero_point.unsqueeze(-1)
+    zi = z if dynamic else _int_zero_point(z, qmin, qmax)
+    q, below, above, inv = _quantize_zi(x32, s, zi, qmin, qmax)
+    m = replacement_mask(xg.shape, threshold, seed, offset, x.device)
+    dx, gq = _dx(g, x32, q, below, above, inv, m, lam, delta)
+    dx = dx.to(x.dtype).reshape(x.shape)
+    if dynamic:
+        return dx, None, None
+    ts, tz = _qparam_terms(gq, x32, q, below, above, inv, s, zi, qmin, qmax, m)
+    return dx, grad_factor * ts.sum(-1), grad_factor * tz.sum(-1)
+
+
+class FakeQuantizeGrouped(torch.autograd.Function):
+    """Learned per-group / per-token (s, z). Saves x, scale and zero point;
+    the mask is regenerated in backward from (seed, offset)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, threshold, seed, offset, group_size,
+                lam, delta, grad_factor):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.args = (qmin, qmax, threshold, seed, offset, group_size, lam, delta, grad_factor)
+        return forward_grouped(x, scale, zero_point, qmin, qmax, threshold, seed, offset,
+                               group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        dx, ds, dz = backward_grouped(grad, x, scale, zero_point, *ctx.args)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
+                *([None] * 9))
+
+
+class FakeQuantizeDynamic(torch.autograd.Function):
+    """Dynamic per-group / per-token qparams (group_qparams), constants for the
+    backward: a gradient flows to x only. Saves x and the group's (s, z)
+    (8 bytes per group), so backward does not reduce x again."""
+
+    @staticmethod
+    def forward(ctx, x, qmin, qmax, threshold, seed, offset, group_size, symmetric, eps,
+                lam, delta):
+        scale, zero_point = group_qparams(x, qmin, qmax, group_size, symmetric, eps)
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.args = (qmin, qmax, threshold, seed, offset, group_size, lam, delta)
+        return forward_grouped(x, scale, zero_point, qmin, qmax, threshold, seed, offset,
+                               group_size, dynamic=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        dx = backward_grouped(grad, x, scale, zero_point, *ctx.args, dynamic=True)[0]
+        return (dx, *([None] * 10))
