@@ -1,13 +1,18 @@
-"""pege-train: STE vs EWGS vs PEGE quantization-aware training, same recipe.
+"""pege-train: STE vs EWGS vs PEGE vs PEGE+EWGS quantization-aware training.
 
-    pege-train                                  # digits, W2A2 and W3A3, 3 seeds
+    pege-train                                  # mnist1d, W2A2 and W3A3, 5 seeds
+    pege-train --dataset digits --seeds 0,1,2
+    pege-train --bits 2/2 --tune 4              # choose on validation, then refit
     pege-train --dataset cifar10 --data-dir DIR --bits 2/2,3/3,4/4 --epochs 200 --fp-epochs 200
 
 Per seed, one full-precision model is pre-trained (--fp-epochs) and shared;
 every (bit width, estimator) run starts from it with the same optimizer,
-cosine learning rate and data order. Test accuracy is measured in eval mode,
-that is with every element quantized (ratio 1). Writes runs.json, runs.csv,
-summary.csv and three PNGs to --out, and prints the table.
+cosine learning rate and data order, so estimators are compared in pairs,
+seed by seed. A fixed stratified validation split (--val-frac of the training
+set) gives the accuracy curves and, with --tune, the hyperparameters; the
+test set is scored once per run, at its end, in eval mode (every element
+quantized). Writes runs.json, runs.csv, summary.csv and three PNGs to --out
+and prints the table with every estimator's paired difference from STE.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import copy
 import csv
 import json
 import math
-import pickle
+import random
 import statistics
 import sys
 import time
@@ -25,121 +30,80 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .qat import Curriculum, prepare_qat, schedule
+from . import train_data as data
+from .nn import ESTIMATORS, Quantizer
+from .qat import KINDS, Curriculum, prepare_qat
 
-# ------------------------------------------------------------------ data
-
-
-def load_digits_split():
-    """scikit-learn's 8x8 digits (1797 real images), a fixed stratified
-    80/20 split; pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=d.target)
-    return (x[tr], y[tr]), (x[te], y[te])
+# ------------------------------------------------------------- quantizer
 
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+class TrainQuantizer(Quantizer):
+    """nn.Quantizer plus the option pege-train adds over the public API.
 
+    rho > 0, a discretization-error weight relative to the task gradient:
+        each training step sets lam = rho * G / E, G the norm of dL/dy (the
+        task gradient reaching this quantizer's output; a running mean,
+        momentum 0.9, over the previous steps) and E = sqrt(sum_c n_c s_c^2
+        / 12) the norm of x - Q(x) when every element's rounding error is
+        uniform over its step s_c (n_c elements per channel). So the
+        backward's lam * (x - Q(x)) term has about rho times the task
+        gradient's norm on every tensor, whatever its size, scale or role.
+        E is not the measured error: dividing by that, lam grew as training
+        pulled values onto the grid, and diverged (docs/training.md).
+        The op's raw lam weighs a sum over elements: one value is a
+        different strength on every tensor.
+    """
 
-def load_cifar10(data_dir: str | None, download: bool):
-    """CIFAR-10 in its python-pickle layout (cifar-10-batches-py/data_batch_1..5,
-    test_batch), read directly: torchvision's reader insists on the official
-    files' checksums. torchvision downloads it when --download is given."""
-    if data_dir is None:
-        raise SystemExit("--dataset cifar10 needs --data-dir DIR")
-    root = Path(data_dir)
-    if download:
-        import torchvision
-        torchvision.datasets.CIFAR10(str(root), download=True)
-    base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    names = [f"data_batch_{i}" for i in range(1, 6)]
-    if not all((base / n).is_file() for n in names + ["test_batch"]):
-        raise SystemExit(f"CIFAR-10 not found in {root}: expected cifar-10-batches-py/"
-                         "data_batch_1..5 and test_batch (pass --download to fetch it)")
+    momentum = 0.9
 
-    def read(files):
-        xs, ys = [], []
-        for f in files:
-            with open(base / f, "rb") as fh:
-                d = pickle.load(fh, encoding="latin1")
-            xs.append(torch.tensor(d["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            ys.append(torch.tensor(d["labels"]))
-        return torch.cat(xs), torch.cat(ys)
+    @classmethod
+    def adopt(cls, q: Quantizer, rho: float) -> TrainQuantizer:
+        # prepare_qat builds nn.Quantizer; switching the class keeps its
+        # parameters, buffers and seeds as they are.
+        q.__class__ = cls
+        q.rho, q.grad_norm = float(rho), None
+        return q
 
-    return read(names), read(["test_batch"])
-
-
-def cifar_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Standard augmentation on a uint8 batch: 4-pixel padded random crop and
-    horizontal flip, then per-channel normalisation."""
-    n = x.shape[0]
-    padded = nn.functional.pad(x.float() / 255, (4, 4, 4, 4))
-    dx, dy = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
-    idx = torch.arange(32)
-    rows = (dy[:, None] + idx)[:, None, :, None]  # n, 1, 32, 1
-    cols = (dx[:, None] + idx)[:, None, None, :]  # n, 1, 1, 32
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
-                 rows, cols]
-    flip = torch.rand(n, generator=g) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return normalize(out)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-# ---------------------------------------------------------------- models
-
-
-def digits_cnn() -> nn.Module:
-    """Small CNN for 8x8 digits; conv1 and the classifier stay FP32."""
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-    return nn.Sequential(*block(1, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                       nn.BatchNorm2d(cout))
+    def _record_grad(self, g):
+        n = float(g.norm())
+        self.grad_norm = n if self.grad_norm is None else (
+            self.momentum * self.grad_norm + (1 - self.momentum) * n)
 
     def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+        track = self.rho > 0 and self.training and torch.is_grad_enabled()
+        if track and self.grad_norm is not None:
+            with torch.no_grad():
+                s = self.scale.detach().abs().clamp_min(1e-8)
+                err = math.sqrt(x.numel() / s.numel() * float(s.square().sum()) / 12)
+            self.lam = self.rho * self.grad_norm / err
+        y = super().forward(x)
+        if track and y.requires_grad:
+            y.register_hook(self._record_grad)
+        return y
 
 
-def resnet20() -> nn.Module:
-    """ResNet-20 for CIFAR (He et al. 2016): 3 stages x 3 blocks, 16/32/64."""
-    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
-    for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for b in range(3):
-            layers.append(BasicBlock(cin, cout, stride if b == 0 else 1))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
-    return nn.Sequential(*layers)
+def quantize(fp: nn.Module, bits, estimator: str, cfg, seed: int) -> nn.Module:
+    """A copy of `fp` prepared for QAT with `estimator` (ESTIMATORS) and the
+    hyperparameters in cfg (lam: raw, or None for rho; delta; backend)."""
+    pege = estimator.startswith("pege")
+    model = prepare_qat(copy.deepcopy(fp), weight_bits=bits[0], act_bits=bits[1],
+                        estimator=estimator, seed=seed,
+                        lam=(cfg.lam or 0.0) if pege else 0.0,
+                        delta=cfg.delta if estimator.endswith("ewgs") else 0.0,
+                        backend=cfg.backend)
+    rho = cfg.rho if pege and cfg.lam is None else 0.0
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            TrainQuantizer.adopt(m, rho)
+    return model
 
 
 # -------------------------------------------------------------- training
 
 
-def evaluate(model, data, batch_size, prep):
+def evaluate(model, split, batch_size, prep):
     model.eval()
-    x, y = data
+    x, y = split
     correct = 0
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
@@ -147,34 +111,34 @@ def evaluate(model, data, batch_size, prep):
     return 100.0 * int(correct) / len(y)
 
 
-def train_run(model, train, test, args, seed, epochs, prep_train, prep_test, desc,
-              curriculum_steps=None, progress=True):
-    """Trains in place; returns per-epoch curves. Data order depends on the
-    seed only, so every estimator sees the same batches."""
+def train_run(model, fit, val, cfg, seed, epochs, lr, desc, curriculum_frac=None):
+    """Trains in place on `fit`; returns per-epoch curves (validation accuracy
+    when `val` is given). Data order depends on the seed only, so every
+    estimator sees the same batches. curriculum_frac: the curriculum's length
+    as a fraction of the steps (PEGE), or None."""
     from tqdm import tqdm
-    x, y = train
-    steps_per_epoch = math.ceil(len(y) / args.batch_size)
-    total = epochs * steps_per_epoch
+    x, y = fit
+    total = epochs * math.ceil(len(y) / cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
     cur = None
-    if curriculum_steps is not None:
-        cur = Curriculum(model, max(curriculum_steps, 1), kind=args.curriculum, k=args.k,
-                         r0=args.r0)
+    if curriculum_frac is not None:
+        cur = Curriculum(model, max(1, int(curriculum_frac * total)), kind=cfg.curriculum,
+                         k=cfg.k, r0=cfg.r0)
     g = torch.Generator().manual_seed(seed)
-    curves = dict(epoch=[], loss=[], test_acc=[], ratio=[])
-    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress, file=sys.stderr)
+    curves = dict(epoch=[], loss=[], val_acc=[], ratio=[], lam=[])
+    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not cfg.progress, file=sys.stderr)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(y), generator=g)
         losses = []
-        for i in range(0, len(y), args.batch_size):
-            idx = order[i:i + args.batch_size]
-            loss = nn.functional.cross_entropy(model(prep_train(x[idx], g)), y[idx])
+        for i in range(0, len(y), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = nn.functional.cross_entropy(model(cfg.prep_train(x[idx], g)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -182,153 +146,201 @@ def train_run(model, train, test, args, seed, epochs, prep_train, prep_test, des
             if cur is not None:
                 cur.step()
             losses.append(loss.item())
-        acc = evaluate(model, test, 512, prep_test)
+        lams = [m.lam for m in model.modules() if isinstance(m, Quantizer)
+                and m.estimator == "pege"]
         curves["epoch"].append(epoch + 1)
         curves["loss"].append(sum(losses) / len(losses))
-        curves["test_acc"].append(acc)
         curves["ratio"].append(cur.ratio if cur is not None else 1.0)
-        bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}", acc=f"{acc:.1f}")
+        curves["lam"].append(sum(lams) / len(lams) if lams else 0.0)
+        if val is not None:
+            curves["val_acc"].append(evaluate(model, val, 512, cfg.prep_test))
+            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}", val=f"{curves['val_acc'][-1]:.1f}")
     return curves
 
 
-# ------------------------------------------------------------------ main
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="pege-train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir")
-    ap.add_argument("--bits", default="2/2,3/3", help="W/A pairs, e.g. 2/2,3/3")
-    ap.add_argument("--estimators", default="ste,ewgs,pege")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=None, help="QAT epochs (digits 20, cifar 200)")
-    ap.add_argument("--fp-epochs", type=int, default=None, help="FP pre-training epochs")
-    ap.add_argument("--curriculum", default="log",
-                    choices=("log", "linear", "cosine", "exp", "step", "constant"))
-    ap.add_argument("--curriculum-frac", type=float, default=0.5,
-                    help="curriculum length as a fraction of QAT steps")
-    ap.add_argument("--k", type=float, default=math.e - 1)
-    ap.add_argument("--r0", type=float, default=0.0)
-    ap.add_argument("--lam", type=float, default=1e-4, help="PEGE's lambda")
-    ap.add_argument("--delta", type=float, default=0.2, help="EWGS's delta")
-    ap.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--weight-decay", type=float, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--out", default="results/train")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    cifar = args.dataset == "cifar10"
-    defaults = dict(epochs=200 if cifar else 20, fp_epochs=200 if cifar else 20,
-                    optimizer="sgd" if cifar else "adam", lr=0.04 if cifar else 3e-3,
-                    weight_decay=5e-4 if cifar else 0.0, batch_size=128 if cifar else 64)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    try:
-        args.bit_pairs = [tuple(int(v) for v in b.split("/")) for b in args.bits.split(",")]
-        assert all(len(p) == 2 for p in args.bit_pairs)
-    except (ValueError, AssertionError):
-        ap.error(f"--bits must look like 2/2,3/3, got {args.bits!r}")
-    args.estimator_list = args.estimators.split(",")
-    bad = [e for e in args.estimator_list if e not in ("ste", "ewgs", "pege")]
-    if bad:
-        ap.error(f"unknown estimator(s) {bad}; choose from ste, ewgs, pege")
-    args.seed_list = [int(s) for s in args.seeds.split(",")]
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.dataset == "cifar10":
-        train, test = load_cifar10(args.data_dir, args.download)
-        model_fn, prep_train = resnet20, cifar_augment
-        prep_test = lambda x: normalize(x.float() / 255)  # noqa: E731
-    else:
-        train, test = load_digits_split()
-        model_fn, prep_train, prep_test = digits_cnn, (lambda x, g: x), (lambda x: x)
-    steps_per_epoch = math.ceil(len(train[1]) / args.batch_size)
-    cur_steps = max(1, int(args.curriculum_frac * args.epochs * steps_per_epoch))
-    runs, t_start = [], time.time()
-    for seed in args.seed_list:
+def run_jobs(jobs, fit, val, test, seeds, args, phase):
+    """Every job (bits, estimator, config index, cfg) for every seed. Per seed
+    one FP model is pre-trained on `fit` and shared by the jobs. Each run is
+    scored on `test` when given (once, at the end), else on `val`."""
+    runs, score_on = [], test if test is not None else val
+    for seed in seeds:
         torch.manual_seed(seed)
-        fp = model_fn()
-        fp_curves = train_run(fp, train, test, args, seed, args.fp_epochs, prep_train, prep_test,
-                              f"seed {seed} FP", progress=not args.no_progress)
-        runs.append(dict(seed=seed, bits="fp", estimator="fp", final_acc=fp_curves["test_acc"][-1],
-                         curves=fp_curves))
-        for wb, ab in args.bit_pairs:
-            for est in args.estimator_list:
-                model = prepare_qat(copy.deepcopy(fp), weight_bits=wb, act_bits=ab, estimator=est,
-                                    seed=seed, lam=args.lam if est == "pege" else 0.0,
-                                    delta=args.delta if est == "ewgs" else 0.0,
-                                    backend=args.backend)
-                curves = train_run(model, train, test, args, seed + 1000, args.epochs,
-                                   prep_train, prep_test, f"seed {seed} W{wb}A{ab} {est}",
-                                   curriculum_steps=cur_steps if est == "pege" else None,
-                                   progress=not args.no_progress)
-                runs.append(dict(seed=seed, bits=f"W{wb}A{ab}", estimator=est,
-                                 final_acc=curves["test_acc"][-1], curves=curves))
-                print(f"seed {seed} W{wb}A{ab} {est:<4}: test acc {curves['test_acc'][-1]:.2f}%",
-                      flush=True)
-    summary = summarize(runs)
-    write_outputs(out, args, runs, summary, cur_steps, time.time() - t_start)
-    return summary
+        fp = args.model()
+        curves = train_run(fp, fit, val, args, seed, args.fp_epochs, args.fp_lr,
+                           f"{phase} seed {seed} FP")
+        runs.append(dict(phase=phase, seed=seed, bits="fp", estimator="fp", config=0,
+                         acc=evaluate(fp, score_on, 512, args.prep_test), curves=curves))
+        for bits, est, index, cfg in jobs:
+            t0 = time.time()
+            model = quantize(fp, bits, est, cfg, seed)
+            name = f"W{bits[0]}A{bits[1]}"
+            curves = train_run(model, fit, val, cfg, seed + 1000, cfg.epochs, cfg.lr,
+                               f"{phase} seed {seed} {name} {est} #{index}",
+                               cfg.curriculum_frac if est.startswith("pege") else None)
+            acc = evaluate(model, score_on, 512, cfg.prep_test)
+            runs.append(dict(phase=phase, seed=seed, bits=name, estimator=est, config=index,
+                             acc=acc, curves=curves, hp=hyperparameters(cfg, est)))
+            where = "test" if test is not None else "val"
+            print(f"{phase} seed {seed} {name} {est:<9} #{index}: {where} acc {acc:.2f}% "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    return runs
+
+
+# ---------------------------------------------------------------- tuning
+
+def hyperparameters(cfg, est):
+    """The hyperparameters that act on `est`'s runs."""
+    keys = ["lr"] + (["delta"] if est.endswith("ewgs") else [])
+    if est.startswith("pege"):
+        keys += ["rho" if cfg.lam is None else "lam", "curriculum_frac", "k"]
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def candidates(args, est, n):
+    """n configurations for `est`: the defaults, then n - 1 random draws from
+    its search space (log-uniform lr in [lr/3, 3 lr], delta in [0.03, 1],
+    rho in [0.001, 0.1]; uniform curriculum_frac in [0.1, 0.6]). Every
+    estimator gets the same n, so the ones with more knobs pay for them."""
+    rng = random.Random(f"{args.tune_seed}/{est}")
+
+    def log_uniform(lo, hi):
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    out = [args]
+    for _ in range(n - 1):
+        cfg = copy.copy(args)
+        cfg.lr = log_uniform(args.lr / 3, args.lr * 3)
+        if est.endswith("ewgs"):
+            cfg.delta = log_uniform(0.03, 1.0)
+        if est.startswith("pege"):
+            cfg.lam, cfg.rho = None, log_uniform(0.001, 0.1)
+            cfg.curriculum_frac = rng.uniform(0.1, 0.6)
+        out.append(cfg)
+    return out
+
+
+def tune(args, fit, val, train, test):
+    """Chooses each (bits, estimator)'s configuration by mean validation
+    accuracy over --tune-seeds (trained on fit = train minus val), then runs
+    the chosen ones on train (fit + val) over --seeds, scored once on test."""
+    jobs = [(bits, est, i, cfg) for bits in args.bit_pairs for est in args.estimator_list
+            for i, cfg in enumerate(candidates(args, est, args.tune))]
+    tuned = run_jobs(jobs, fit, val, None, args.tune_seed_list, args, "tune")
+    accs = {}
+    for r in tuned:
+        accs.setdefault((r["bits"], r["estimator"], r["config"]), []).append(r["acc"])
+    chosen = []
+    for bits in args.bit_pairs:
+        for est in args.estimator_list:
+            options = [j for j in jobs if j[0] == bits and j[1] == est]
+            # max keeps the first of the best on ties: the defaults come first.
+            chosen.append(max(options, key=lambda j: statistics.mean(
+                accs[(f"W{j[0][0]}A{j[0][1]}", j[1], j[2])])))
+    final = run_jobs(chosen, train, None, test, args.seed_list, args, "final")
+    return tuned, final
+
+
+# --------------------------------------------------------------- results
+
+
+def paired(diffs):
+    """Mean, std and the 95% t-interval of per-seed differences."""
+    n, mean = len(diffs), statistics.mean(diffs)
+    if n < 2:
+        return mean, 0.0, float("nan"), float("nan")
+    from scipy.stats import t
+    std = statistics.stdev(diffs)
+    half = t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
 
 
 def summarize(runs):
+    """Per (bits, estimator): n, mean and std of the score over seeds, and the
+    paired difference from STE of the same seed (same FP start, same batches):
+    mean, std and 95% t-interval (NaN where there is no STE run)."""
     rows = []
     for bits in dict.fromkeys(r["bits"] for r in runs):
-        for est in dict.fromkeys(r["estimator"] for r in runs if r["bits"] == bits):
-            accs = [r["final_acc"] for r in runs if r["bits"] == bits and r["estimator"] == est]
-            rows.append(dict(bits=bits, estimator=est, n=len(accs), mean=statistics.mean(accs),
-                             std=statistics.stdev(accs) if len(accs) > 1 else 0.0))
+        of_bits = [r for r in runs if r["bits"] == bits]
+        ste = {r["seed"]: r["acc"] for r in of_bits if r["estimator"] == "ste"}
+        for est in dict.fromkeys(r["estimator"] for r in of_bits):
+            accs = {r["seed"]: r["acc"] for r in of_bits if r["estimator"] == est}
+            row = dict(bits=bits, estimator=est, n=len(accs), mean=statistics.mean(accs.values()),
+                       std=statistics.stdev(accs.values()) if len(accs) > 1 else 0.0)
+            seeds = [s for s in accs if s in ste]
+            stats = (paired([accs[s] - ste[s] for s in seeds]) if seeds and est != "ste"
+                     else (float("nan"),) * 4)
+            row.update(zip(("diff_mean", "diff_std", "ci_low", "ci_high"), stats, strict=True))
+            rows.append(row)
     return rows
 
 
-def write_outputs(out, args, runs, summary, cur_steps, seconds):
-    config = {k: v for k, v in vars(args).items() if k not in ("bit_pairs",)}
-    (out / "runs.json").write_text(json.dumps(dict(config=config, runs=runs,
+def table(summary, metric):
+    lines = [f"| bits | estimator | {metric} (%) | vs STE, paired (pt) | 95% interval |",
+             "|---|---|---:|---:|---:|"]
+    for r in summary:
+        diff = ci = "-"
+        if not math.isnan(r["diff_mean"]):
+            diff = f"{r['diff_mean']:+.2f} +- {r['diff_std']:.2f}"
+            if not math.isnan(r["ci_low"]):
+                ci = f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+        name = "FP32" if r["bits"] == "fp" else r["bits"]
+        lines.append(f"| {name} | {r['estimator']} | {r['mean']:.2f} +- {r['std']:.2f} | "
+                     f"{diff} | {ci} |")
+    return "\n".join(lines)
+
+
+def write_outputs(out, args, runs, tuned, summary, seconds):
+    skip = ("bit_pairs", "model", "prep_train", "prep_test")
+    config = {k: v for k, v in vars(args).items() if k not in skip}
+    (out / "runs.json").write_text(json.dumps(dict(config=config, runs=runs, tuning=tuned,
                                                    summary=summary), indent=1))
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["seed", "bits", "estimator", "final_test_acc"])
-        for r in runs:
-            w.writerow([r["seed"], r["bits"], r["estimator"], f"{r['final_acc']:.2f}"])
+        w.writerow(["phase", "seed", "bits", "estimator", "config", "score", "acc", "hp"])
+        score = "test" if args.score == "test" else "val"
+        for r in tuned + runs:
+            w.writerow([r["phase"], r["seed"], r["bits"], r["estimator"], r["config"],
+                        "val" if r["phase"] == "tune" else score, f"{r['acc']:.2f}",
+                        json.dumps(r.get("hp", {}))])
     with open(out / "summary.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    print(f"\n{args.dataset}: test accuracy (%), mean +- std over seeds {args.seeds}, "
+    metric = "test accuracy" if args.score == "test" else "validation accuracy"
+    how = (f"hyperparameters tuned on validation ({args.tune} per estimator, seeds "
+           f"{args.tune_seeds}), refit on train+val" if args.tune else "default hyperparameters")
+    print(f"\n{args.dataset}: {metric}, mean +- std over seeds {args.seeds}; {how}; "
           f"{args.epochs} QAT epochs after {args.fp_epochs} FP epochs ({seconds:.0f} s)")
-    print("| bits | estimator | accuracy |\n|---|---|---:|")
-    for row in summary:
-        print(f"| {row['bits']} | {row['estimator']} | {row['mean']:.2f} +- {row['std']:.2f} |")
-    plot(out, args, runs, summary, cur_steps)
+    print(table(summary, metric))
+    if args.tune:
+        print("\nchosen:", "; ".join(f"{r['bits']} {r['estimator']} #{r['config']} {r['hp']}"
+                                     for r in runs if r["seed"] == args.seed_list[0]
+                                     and r["estimator"] != "fp"))
+    plot(out, args, runs, tuned, summary, metric)
     print(f"\nwrote {out}/runs.json, runs.csv, summary.csv, accuracy.png, curriculum.png, "
           "final.png")
 
 
-def plot(out, args, runs, summary, cur_steps):
+def plot(out, args, runs, tuned, summary, metric):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from .qat import schedule
 
     bits = [b for b in dict.fromkeys(r["bits"] for r in runs) if b != "fp"]
     fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False)
     for ax, b in zip(axes[0], bits, strict=True):
         for est in args.estimator_list:
-            curves = [r["curves"]["test_acc"] for r in runs if r["bits"] == b
-                      and r["estimator"] == est]
-            mean = [statistics.mean(v) for v in zip(*curves, strict=True)]
-            ax.plot(range(1, len(mean) + 1), mean, label=est)
+            # With --tune the final runs have no validation split: the curves
+            # are the tuning runs of the configuration chosen.
+            cfg = next(r["config"] for r in runs if r["bits"] == b and r["estimator"] == est)
+            curves = [r["curves"]["val_acc"] for r in tuned or runs if r["bits"] == b
+                      and r["estimator"] == est and r["config"] == cfg]
+            if curves and curves[0]:
+                mean = [statistics.mean(v) for v in zip(*curves, strict=True)]
+                ax.plot(range(1, len(mean) + 1), mean, label=est)
         ax.set_title(f"{args.dataset} {b}")
         ax.set_xlabel("QAT epoch")
-        ax.set_ylabel("test accuracy (%), mean over seeds")
+        ax.set_ylabel("validation accuracy (%), mean over seeds")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=100)
@@ -336,23 +348,124 @@ def plot(out, args, runs, summary, cur_steps):
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     t = [i / 100 for i in range(101)]
-    ax.plot([v * cur_steps for v in t], [schedule(args.curriculum, v, args.k, args.r0) for v in t])
-    ax.set_xlabel("training step")
+    ax.plot(t, [schedule(args.curriculum, v, args.k, args.r0) for v in t])
+    ax.set_xlabel(f"training step / curriculum length ({args.curriculum_frac:g} of QAT)")
     ax.set_ylabel("replacement ratio r")
     ax.set_title(f"{args.curriculum} curriculum (k={args.k:.3f}, r0={args.r0})")
     fig.tight_layout()
     fig.savefig(out / "curriculum.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 4.5))
     labels = [f"{r['bits']}\n{r['estimator']}" for r in summary]
     ax.bar(labels, [r["mean"] for r in summary], yerr=[r["std"] for r in summary], capsize=3)
-    ax.set_ylabel("final test accuracy (%)")
-    lo = min(r["mean"] - r["std"] for r in summary)
-    ax.set_ylim(max(0, lo - 5), 100)
+    ax.set_ylabel(f"final {metric} (%), mean +- std")
+    ax.set_ylim(max(0, min(r["mean"] - r["std"] for r in summary) - 5), 100)
+    ax.tick_params(axis="x", labelsize=8)
+    diffs = [r for r in summary if not math.isnan(r["diff_mean"])]
+    if diffs:
+        err = [[r["diff_mean"] - r["ci_low"] for r in diffs],
+               [r["ci_high"] - r["diff_mean"] for r in diffs]]
+        err = None if any(math.isnan(e) for e in err[0]) else err
+        bx.bar([f"{r['bits']}\n{r['estimator']}" for r in diffs],
+               [r["diff_mean"] for r in diffs], yerr=err, capsize=3, color="tab:orange")
+    bx.axhline(0, color="black", lw=0.8)
+    bx.tick_params(axis="x", labelsize=8)
+    bx.set_ylabel("paired difference from STE (pt), 95% interval")
     fig.tight_layout()
     fig.savefig(out / "final.png", dpi=100)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="pege-train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=tuple(data.TASKS), default="mnist1d")
+    ap.add_argument("--data-dir", default=None, help="cifar10: where the data lies")
+    ap.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir")
+    ap.add_argument("--samples", type=int, default=5000,
+                    help="mnist1d: sequences generated (80%% train, 20%% test)")
+    ap.add_argument("--bits", default="2/2,3/3", help="W/A pairs, e.g. 2/2,3/3")
+    ap.add_argument("--estimators", default=",".join(ESTIMATORS))
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--val-frac", type=float, default=0.2,
+                    help="fraction of the training set held out for validation")
+    ap.add_argument("--score", choices=("test", "val"), default="test",
+                    help="score runs on the test set, or on validation only (test untouched)")
+    ap.add_argument("--tune", type=int, default=0, metavar="N",
+                    help="try N configurations per estimator on validation, then refit")
+    ap.add_argument("--tune-seeds", default="100,101")
+    ap.add_argument("--tune-seed", type=int, default=0, help="seed of the random search")
+    ap.add_argument("--epochs", type=int, default=None, help="QAT epochs")
+    ap.add_argument("--fp-epochs", type=int, default=None, help="FP pre-training epochs")
+    ap.add_argument("--curriculum", default="log", choices=KINDS)
+    ap.add_argument("--curriculum-frac", type=float, default=0.25,
+                    help="curriculum length as a fraction of QAT steps")
+    ap.add_argument("--k", type=float, default=math.e - 1, help="log curriculum's k")
+    ap.add_argument("--r0", type=float, default=0.0)
+    ap.add_argument("--rho", type=float, default=0.0,
+                    help="PEGE's discretization-error weight relative to the task gradient")
+    ap.add_argument("--lam", type=float, default=None,
+                    help="the op's raw lambda instead of --rho (a sum over elements)")
+    ap.add_argument("--delta", type=float, default=0.2, help="EWGS's delta")
+    ap.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
+    ap.add_argument("--lr", type=float, default=None, help="QAT learning rate")
+    ap.add_argument("--fp-lr", type=float, default=None, help="FP learning rate")
+    ap.add_argument("--weight-decay", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (0: torch's default; mnist1d, digits: 1)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--out", default="results/train")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    task = data.TASKS[args.dataset]
+    for key in ("epochs", "fp_epochs", "optimizer", "lr", "weight_decay", "batch_size",
+                "threads"):
+        if getattr(args, key) is None:
+            setattr(args, key, task[key])
+    args.fp_lr = args.fp_lr if args.fp_lr is not None else task["lr"]
+    args.model, args.progress = task["model"], not args.no_progress
+    try:
+        args.bit_pairs = [tuple(int(v) for v in b.split("/")) for b in args.bits.split(",")]
+    except ValueError:
+        args.bit_pairs = []
+    if not args.bit_pairs or any(len(p) != 2 for p in args.bit_pairs):
+        ap.error(f"--bits must look like 2/2,3/3, got {args.bits!r}")
+    args.estimator_list = args.estimators.split(",")
+    bad = [e for e in args.estimator_list if e not in ESTIMATORS]
+    if bad:
+        ap.error(f"unknown estimator(s) {bad}; choose from {', '.join(ESTIMATORS)}")
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    args.tune_seed_list = [int(s) for s in args.tune_seeds.split(",")]
+    if not 0 < args.val_frac < 1:
+        ap.error("--val-frac must be in (0, 1)")
+    if args.tune and args.score == "val":
+        ap.error("--tune scores its final runs on test; drop --score val")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    (train, test), (args.prep_train, args.prep_test) = data.load(args)
+    keep, held = data.stratified_split(train[1], args.val_frac)
+    fit, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
+    if args.tune:
+        tuned, runs = tune(args, fit, val, train, test)
+    else:
+        jobs = [(bits, est, 0, args) for bits in args.bit_pairs for est in args.estimator_list]
+        tuned, runs = [], run_jobs(jobs, fit, val, test if args.score == "test" else None,
+                                   args.seed_list, args, "run")
+    summary = summarize(runs)
+    write_outputs(out, args, runs, tuned, summary, time.time() - t_start)
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,14 +1,28 @@
-"""pege-train: the CIFAR-10 loader on a tiny file in CIFAR's format, and a
-one-epoch smoke run of the CLI on digits."""
+"""pege-train: data loaders, the rho-normalised lam, the pege+ewgs estimator,
+paired statistics, and tiny end-to-end runs of the CLI (plain and --tune)."""
 import csv
 import json
+import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from pege_kernels import train
+from pege_kernels import train, train_data
+from pege_kernels.nn import Quantizer
+
+TINY = ["--samples", "200", "--epochs", "1", "--fp-epochs", "1", "--bits", "2/2",
+        "--batch-size", "64", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as main() sets for the small tasks; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def write_tiny_cifar(root, n=20):
@@ -25,35 +39,141 @@ def write_tiny_cifar(root, n=20):
 
 def test_cifar10_loader_reads_python_pickle_layout(tmp_path):
     last = write_tiny_cifar(tmp_path)
-    (xtr, ytr), (xte, yte) = train.load_cifar10(str(tmp_path), download=False)
+    (xtr, ytr), (xte, yte) = train_data.load_cifar10(str(tmp_path), download=False)
     assert xtr.shape == (100, 3, 32, 32) and xtr.dtype == torch.uint8 and ytr.shape == (100,)
     assert torch.equal(xte.reshape(20, -1), torch.tensor(last["data"]))
     assert yte.tolist() == last["labels"]
-    out = train.cifar_augment(xtr[:8], torch.Generator().manual_seed(0))
+    out = train_data.cifar_augment(xtr[:8], torch.Generator().manual_seed(0))
     assert out.shape == (8, 3, 32, 32) and torch.isfinite(out).all()
-    assert train.resnet20()(out).shape == (8, 10)
+    assert train_data.resnet20()(out).shape == (8, 10)
 
 
 def test_cifar10_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="CIFAR-10 not found"):
-        train.load_cifar10(str(tmp_path / "nowhere"), download=False)
+        train_data.load_cifar10(str(tmp_path / "nowhere"), download=False)
     with pytest.raises(SystemExit, match="--data-dir"):
-        train.load_cifar10(None, download=False)
+        train_data.load_cifar10(None, download=False)
 
 
-def test_cli_smoke_on_digits(tmp_path):
-    summary = train.main(["--seeds", "0,1", "--bits", "2/2", "--epochs", "1", "--fp-epochs", "1",
-                          "--out", str(tmp_path), "--no-progress"])
+def test_mnist1d_is_generated_locally_and_deterministic():
+    (x, y), (xt, yt) = train_data.load_mnist1d(100)
+    assert x.shape == (80, 1, 1, 40) and xt.shape == (20, 1, 1, 40) and x.dtype == torch.float32
+    assert set(y.tolist()) <= set(range(10))
+    assert torch.equal(train_data.load_mnist1d(100)[0][0], x)
+    assert train_data.mnist1d_cnn()(x[:4]).shape == (4, 10)
+
+
+def test_validation_split_is_stratified_disjoint_and_fixed():
+    y = torch.arange(100) % 10
+    keep, held = train_data.stratified_split(y, 0.2)
+    assert len(held) == 20 and torch.bincount(y[held]).tolist() == [2] * 10
+    assert not set(keep.tolist()) & set(held.tolist()) and len(keep) + len(held) == 100
+    assert torch.equal(train_data.stratified_split(y, 0.2)[1], held)
+
+
+def one_quantizer(est, **cfg):
+    args = train.parse_args(["--no-progress"])
+    vars(args).update(cfg)
+    model = train.quantize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8),
+                                               torch.nn.Linear(8, 2)), (2, 2), est, args, seed=0)
+    return [m for m in model.modules() if isinstance(m, Quantizer)][0]  # middle layer's weight
+
+
+def test_rho_sets_lam_to_rho_times_the_task_gradient_per_uniform_rounding_error():
+    q = one_quantizer("pege", rho=0.05, lam=None)
+    q.train()
+    x = torch.randn(8, 8, requires_grad=True)
+    g = torch.randn(8, 8)
+    for _ in range(2):  # step 1 measures, step 2 uses the measurement
+        q(x).backward(g)
+    # 8 elements per channel; per channel a uniform error over the step s_c
+    # has squared norm 8 * s_c^2 / 12.
+    uniform = math.sqrt(sum(8 * float(s) ** 2 / 12 for s in q.scale.detach()))
+    assert q.settings()[1] == q.lam
+    assert math.isclose(q.lam * uniform, 0.05 * float(g.norm()), rel_tol=1e-5)
+
+
+def test_raw_lam_overrides_rho_and_pege_ewgs_passes_delta():
+    q = one_quantizer("pege", rho=0.05, lam=1e-3)
+    assert q.rho == 0 and q.settings()[1] == 1e-3 and q.settings()[2] == 0.0
+    q = one_quantizer("pege+ewgs", delta=0.3)
+    assert q.estimator == "pege+ewgs" and q.settings()[2] == 0.3
+    assert one_quantizer("ewgs", delta=0.3).settings() == (1.0, 0.0, 0.3)
+    assert one_quantizer("ste", delta=0.3, rho=0.5).settings() == (1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("est,peer", [("pege", "ste"), ("pege+ewgs", "ewgs")])
+def test_pege_at_constant_ratio_1_without_lam_is_its_peer(est, peer):
+    args = train.parse_args(TINY + ["--rho", "0", "--curriculum", "constant", "--r0", "1"])
+    (fit, val), (args.prep_train, args.prep_test) = train_data.load(args)
+    torch.manual_seed(0)
+    fp = args.model()
+    losses = []
+    for e in (peer, est):
+        model = train.quantize(fp, (2, 2), e, args, seed=0)
+        frac = args.curriculum_frac if e.startswith("pege") else None
+        curves = train.train_run(model, fit, val, args, 0, 2, args.lr, e, frac)
+        losses.append(curves["loss"] + curves["val_acc"])
+    assert losses[0] == losses[1]
+
+
+def test_paired_difference_and_t_interval():
+    runs = [dict(seed=s, bits="W2A2", estimator=e, acc=a) for s, (x, y) in
+            enumerate([(80, 81), (82, 84), (81, 81), (79, 82), (80, 82)])
+            for e, a in (("ste", x), ("pege", y))]
+    ste, pege = train.summarize(runs)
+    assert math.isnan(ste["diff_mean"])
+    d = [1, 2, 0, 3, 2]
+    half = 2.7764451051977934 * np.std(d, ddof=1) / math.sqrt(5)
+    assert pege["n"] == 5 and pege["diff_mean"] == pytest.approx(1.6)
+    assert pege["ci_low"] == pytest.approx(1.6 - half)
+    assert pege["ci_high"] == pytest.approx(1.6 + half)
+
+
+def test_cli_smoke_on_mnist1d(tmp_path, capsys):
+    summary = train.main(TINY + ["--seeds", "0,1", "--out", str(tmp_path)])
     assert [(r["bits"], r["estimator"]) for r in summary] == [
-        ("fp", "fp"), ("W2A2", "ste"), ("W2A2", "ewgs"), ("W2A2", "pege")]
-    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
-    assert len(runs) == 8 and all(0 <= r["final_acc"] <= 100 for r in runs)
+        ("fp", "fp"), ("W2A2", "ste"), ("W2A2", "ewgs"), ("W2A2", "pege"), ("W2A2", "pege+ewgs")]
+    assert all(math.isfinite(r["ci_low"]) for r in summary[2:])
+    assert "| W2A2 | pege | " in capsys.readouterr().out
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert len(saved["runs"]) == 10 and all(0 <= r["acc"] <= 100 for r in saved["runs"])
+    assert all(len(r["curves"]["val_acc"]) == 1 for r in saved["runs"])
     with open(tmp_path / "summary.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 4
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 and {"diff_mean", "ci_low", "ci_high"} <= set(rows[0])
     for png in ("accuracy.png", "curriculum.png", "final.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_rejects_bad_bits():
-    with pytest.raises(SystemExit):
-        train.parse_args(["--bits", "2-2"])
+def test_tune_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch):
+    scored = []
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, split, *a: (
+        scored.append(len(split[1])) or evaluate(model, split, *a)))
+    summary = train.main(TINY + ["--seeds", "0", "--tune", "2", "--tune-seeds", "100",
+                                 "--estimators", "ste,pege+ewgs", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    tuned, final = saved["tuning"], saved["runs"]
+    assert len(tuned) == 1 + 2 * 2 and {r["phase"] for r in tuned} == {"tune"}
+    for est in ("ste", "pege+ewgs"):
+        accs = {r["config"]: r["acc"] for r in tuned if r["estimator"] == est}
+        chosen = next(r for r in final if r["estimator"] == est)
+        assert accs[chosen["config"]] == max(accs.values())
+    # Tuning runs score (per epoch and at the end) the validation split
+    # only; the final runs, trained on train + val, score test once each.
+    (tr, te), _ = train_data.load(train.parse_args(TINY))
+    n_val = len(train_data.stratified_split(tr[1], 0.2)[1])
+    assert scored[:2 * len(tuned)] == [n_val] * (2 * len(tuned))
+    assert scored[2 * len(tuned):] == [len(te[1])] * 3
+    assert len(summary) == 3 and summary[0]["estimator"] == "fp"
+
+
+def test_tune_candidates_same_count_for_every_estimator_defaults_first():
+    args = train.parse_args([])
+    for est in train.ESTIMATORS:
+        cands = train.candidates(args, est, 4)
+        assert len(cands) == 4 and cands[0] is args
+        assert all(args.lr / 3 <= c.lr <= args.lr * 3 for c in cands)
+        assert all(c.delta == args.delta for c in cands) != est.endswith("ewgs")
+        assert all(c.rho == args.rho for c in cands) != est.startswith("pege")
