@@ -41,6 +41,16 @@ def ste_lsq(x, s, z, axis):
     return ((t.clamp(QMIN, QMAX) - zi) * s).to(x.dtype)
 
 
+def pege_torch(x, s, z, axis):
+    """PEGE's forward as a user would write it in plain torch: a fresh uniform
+    mask, the STE-quantized value where it is set. The backward is autograd's
+    (STE inside the mask, identity outside); the lam term has no plain-torch
+    form inside a function of x, so it is left out (it only makes PEGE
+    slower)."""
+    m = torch.rand(x.shape, device=x.device) < PEGE["ratio"]
+    return torch.where(m, ste_lsq(x, s, z, axis), x)
+
+
 def methods(device, axis, backends):
     """name -> f(x, s, z) returning y (differentiable where the method is)."""
     def pege(backend):
@@ -51,6 +61,9 @@ def methods(device, axis, backends):
     out["reference eager"] = pege("reference")
     out["reference compiled"] = torch.compile(pege("reference"))
     out["STE detach (LSQ)"] = lambda x, s, z: ste_lsq(x, s, z, axis)
+    out["LSQ STE compiled"] = torch.compile(lambda x, s, z: ste_lsq(x, s, z, axis))
+    out["PEGE in torch compiled"] = torch.compile(
+        lambda x, s, z: pege_torch(x, s, z, axis))
     if axis is None:
         out["torch fake_quant"] = lambda x, s, z: torch.fake_quantize_per_tensor_affine(
             x, s.detach(), z.detach().round().int(), QMIN, QMAX)

@@ -108,3 +108,34 @@ def test_fallback_warns_once_without_extension(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(pk.fake_quantize(x, s, z, -8, 7), y)
+
+
+HUGE_PAGE_RUN = """
+import hashlib, torch, pege_kernels as pk
+x = torch.randn(3 << 20, generator=torch.Generator().manual_seed(0))
+s, z = torch.tensor([0.05], requires_grad=True), torch.tensor([1.0], requires_grad=True)
+xs = x.clone().requires_grad_(True)
+y = pk.fake_quantize(xs, s, z, -8, 7, ratio=0.5, seed=3, lam=0.1, backend="cpu")
+y.backward(torch.ones_like(y))
+h = hashlib.sha256()
+for t in (y, xs.grad, s.grad, z.grad):
+    h.update(t.detach().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+@needs_ext
+def test_huge_page_advice_changes_no_bits():
+    """The CPU op advises huge pages for its 12 MB outputs unless
+    PEGE_NO_HUGEPAGES=1; outputs and gradients are the same bits either way."""
+    import os
+    import subprocess
+    import sys
+    digests = []
+    for flag in ("0", "1"):
+        env = dict(os.environ, PEGE_NO_HUGEPAGES=flag)
+        out = subprocess.run([sys.executable, "-c", HUGE_PAGE_RUN], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.append(out.stdout.strip())
+    assert digests[0] == digests[1]
