@@ -1,8 +1,8 @@
 # make test   create .venv if missing, install, build, run pytest + CTest, then
 #             the suite again on an installed CPU-only wheel and on a wheel
 #             built with no compiler (the "reference" fallback)
-# make demo   the main job: STE vs EWGS vs PEGE on digits (W2A2, W3A3, 3 seeds)
-#             plus the short kernel benchmark table
+# make demo   the main job: STE vs EWGS vs PEGE vs PEGE+EWGS on mnist1d (W2A2, W3A3,
+#             5 seeds, paired differences) plus the short kernel benchmark table
 # make bench  the full CPU benchmark (README's figures)
 # make gpu-check OUT=dir   on a machine with a GPU: build for sm_90, tests, GPU benchmarks
 SHELL := /bin/bash
@@ -33,7 +33,7 @@ deps: $(VENV)/.deps
 build: deps
 	PEGE_REQUIRE_EXTENSION=1 $(PY) setup.py -q build_ext --inplace
 
-test: build pytest ctest wheel-check
+test: build pytest ctest wheel-check gpu-compile-check
 
 # Where a CUDA toolkit is found, the default build must carry the CUDA kernels.
 pytest: build
@@ -70,11 +70,24 @@ wheel-check: deps
 	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk; assert pk.available_backends() == ["reference"], pk.available_backends()'
 	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider ../tests
 
+# Every Triton kernel specialization compiled ahead of time for sm_80/sm_90
+# and its PTX/SASS checked (no GPU needed): with .venv's Triton, then with
+# Triton 3.6 (the GPU machines' version) in a side venv that shares .venv's
+# torch through a .pth file. The Triton cache keys hold source and options.
+TRITON36_VENV := build/venv-triton36
+gpu-compile-check: deps
+	$(PY) tests/gpu_compile/triton_compile_check.py --cache-dir build/triton-aot-cache
+	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
+	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(TRITON36_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
+	$(TRITON36_VENV)/bin/python -c 'import triton; assert triton.__version__ == "3.6.0"' 2>/dev/null \
+		|| $(TRITON36_VENV)/bin/python -m pip install -q --ignore-installed --no-deps triton==3.6.0
+	$(TRITON36_VENV)/bin/python tests/gpu_compile/triton_compile_check.py --cache-dir build/triton-aot-cache
+
 demo: build
-	PYTHONPATH=$(CURDIR) $(PY) -m pege_kernels.train --dataset digits --bits 2/2,3/3 \
-		--estimators ste,ewgs,pege --seeds 0,1,2 --out $(OUT)/demo-train
+	PYTHONPATH=$(CURDIR) $(PY) -m pege_kernels.train --dataset mnist1d --bits 2/2,3/3 \
+		--estimators ste,ewgs,pege,pege+ewgs --seeds 0,1,2,3,4 --out $(OUT)/demo-train
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --sizes 1M,16M --dtypes float32 \
-		--modes per-tensor --skip "reference compiled" --out $(OUT)/demo-bench
+		--modes per-tensor --skip "reference compiled,LSQ STE compiled,PEGE in torch compiled" --rounds 3 --out $(OUT)/demo-bench
 	@echo "demo outputs: $(OUT)/demo-train (table, runs.json/csv, PNGs) and $(OUT)/demo-bench"
 
 bench: build
