@@ -18,7 +18,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 WHEEL_VENV := build/venv-wheel
 OUT ?= results
 
-.PHONY: all deps build test pytest ctest wheel-check demo bench gpu-check clean
+.PHONY: all deps build test pytest ctest wheel-check demo bench gpu-check gpu-compile-check clean
 
 all: build
 
