@@ -7,9 +7,9 @@
 # Uses the machine's own python3 and torch (or $PYTHON): no pip, no venv, no
 # network. Works on a copy of the tree in build/gpu-check/src, so the
 # checkout's own build outputs are never touched, and a rerun recompiles only
-# the sources that changed (ninja). Without a GPU it builds, runs the GPU
-# compile checks if the Makefile has them (make gpu-compile-check), and marks
-# the GPU steps skipped.
+# the sources that changed (ninja). Last come the checks that need no GPU
+# (the CUDA SASS check and the Triton compile check with this machine's
+# Triton), cut first by the budget. Without a GPU the GPU steps are skipped.
 #
 # Writes exactly two files to OUT: summary.txt (environment, each step's
 # status and duration, the benchmark tables) and gpu-check.tar.gz (logs, CSV,
@@ -159,17 +159,6 @@ else
     -p no:cacheprovider --durations=10 --junitxml="$logs/tests.xml" $modules
 fi
 
-# ------------------------------------- GPU compile checks (another engineer's)
-if grep -q '^gpu-compile-check:' "$src/Makefile" && (( built )); then
-  # PY/PYTHON: the machine's python, not .venv; deps/build: done above.
-  step gpu-compile-check 120 0 make -o deps -o build -o .venv/.deps gpu-compile-check \
-    PY="$PY" PYTHON="$PY" CUDA_HOME="$CUDA_HOME"
-elif ! grep -q '^gpu-compile-check:' "$src/Makefile"; then
-  record gpu-compile-check skipped "no such Makefile target"
-else
-  record gpu-compile-check skipped "no build"
-fi
-
 # ------------------------------------------ GPU benchmarks (last, cut first)
 for case in "float32 per-tensor" "bfloat16 per-tensor" "float32 per-channel" \
     "bfloat16 per-channel"; do
@@ -181,6 +170,19 @@ for case in "float32 per-tensor" "bfloat16 per-tensor" "float32 per-channel" \
     --sizes 16M,64M --dtypes "$1" --modes "$2" --rounds 3 --round-time 0.1 \
     --skip "reference eager,reference compiled" --out "$logs/$name"
 done
+
+# ------------------- compile checks without a GPU (lowest priority, cut first)
+# The CUDA kernels' SASS of this build, then every Triton specialization with
+# the machine's own Triton (no venv, no pip: make gpu-compile-check adds the
+# Triton 3.6 side venv on development machines).
+if (( built )); then
+  step cuda-sass 60 1 "$PY" tests/gpu_compile/cuda_sass_check.py --any-arch
+  step triton-compile 300 1 "$PY" tests/gpu_compile/triton_compile_check.py \
+    --cache-dir "$repo/build/gpu-check/triton-cache"
+else
+  record cuda-sass skipped "no build"
+  record triton-compile skipped "no build"
+fi
 
 # ------------------------------------------------------------ summary
 {
