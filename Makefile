@@ -2,7 +2,7 @@
 #             the suite again on an installed CPU-only wheel and on a wheel
 #             built with no compiler (the "reference" fallback)
 # make demo   the main job: STE vs EWGS vs PEGE vs PEGE+EWGS on mnist1d (W2A2, W3A3,
-#             5 seeds, paired differences) plus the short kernel benchmark table
+#             5 seeds, paired differences; runs spread over the cores)
 # make bench  the full CPU benchmark (README's figures)
 # make gpu-check OUT=dir   on a machine with a GPU: build for sm_90, tests, GPU benchmarks
 SHELL := /bin/bash
@@ -86,9 +86,7 @@ gpu-compile-check: deps
 demo: build
 	PYTHONPATH=$(CURDIR) $(PY) -m pege_kernels.train --dataset mnist1d --bits 2/2,3/3 \
 		--estimators ste,ewgs,pege,pege+ewgs --seeds 0,1,2,3,4 --out $(OUT)/demo-train
-	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --sizes 1M,16M --dtypes float32 \
-		--modes per-tensor --skip "reference compiled,LSQ STE compiled,PEGE in torch compiled" --rounds 3 --out $(OUT)/demo-bench
-	@echo "demo outputs: $(OUT)/demo-train (table, runs.json/csv, PNGs) and $(OUT)/demo-bench"
+	@echo "demo outputs: $(OUT)/demo-train (table, runs.json/csv, PNGs); kernel benchmark: make bench"
 
 bench: build
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_ops.py --out $(OUT)/bench

@@ -5,9 +5,8 @@ import torch
 import pege_kernels as pk
 from bench_ops import inputs, methods, saved_bytes_per_element
 
-BACKENDS = [b for b in pk.available_backends() if b in ("cpu", "cuda")]
-DEVICE = torch.device("cuda" if "cuda" in BACKENDS else "cpu")
-METHODS = methods(DEVICE, None, [b for b in BACKENDS if pk.functional._supports(b, DEVICE)])
+DEVICE = torch.device("cuda" if "cuda" in pk.available_backends() else "cpu")
+METHODS = methods(DEVICE, None, [b for b in pk.available_backends(DEVICE) if b in ("cpu", "cuda")])
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "reference compiled"])

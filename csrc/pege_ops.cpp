@@ -1,5 +1,7 @@
 // Schemas of the pege ops (defined once), argument checks, and one impl per
-// dispatch key. Fake impls and autograd live in pege_kernels/ops.py.
+// dispatch key. Fake impls and autograd live in pege_kernels/ops.py. The
+// public API (pege_kernels.fake_quantize) checks every argument before it
+// calls an op; the checks here guard direct torch.ops.pege calls.
 #include "pege_ops.h"
 
 #include <ATen/ATen.h>
@@ -37,9 +39,9 @@ QuantParams make_params(const at::Tensor& x, const at::Tensor& scale,
   TORCH_CHECK(delta >= 0, "pege: delta must be >= 0, got ", delta);
   int64_t channels = 1, inner = std::max<int64_t>(x.numel(), 1);
   if (axis.has_value()) {
-    const int64_t a = *axis;
-    TORCH_CHECK(a >= 0 && a < x.dim(), "pege: axis ", a, " out of range for x of dim ",
-                x.dim());
+    TORCH_CHECK(*axis >= -x.dim() && *axis < x.dim(), "pege: axis ", *axis,
+                " out of range for x of dim ", x.dim());
+    const int64_t a = *axis < 0 ? *axis + x.dim() : *axis;
     channels = x.size(a);
     inner = 1;
     for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);

@@ -58,17 +58,60 @@ def validate(x, scale, zero_point, quant_min, quant_max, ratio, seed, offset, la
             raise ValueError(f"axis {axis!r} is out of range for x of dim {x.dim()}")
         axis %= x.dim()
         channels = x.shape[axis]
+    check_qparams(x, scale, zero_point, lambda t: t.numel() == channels,
+                  f"{channels} element(s) "
+                  f"({'per-tensor' if axis is None else f'x.shape[{axis}]'})")
+    return threshold, axis
+
+
+def check_qparams(x, scale, zero_point, fits, expected: str) -> None:
+    """scale and zero_point: float32 tensors on x's device for which fits(t)
+    holds (else: "must have <expected>")."""
     for name, t in (("scale", scale), ("zero_point", zero_point)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be a float32 tensor, got {got}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if t.numel() != channels:
-            raise ValueError(f"{name} must have {channels} element(s) "
-                             f"({'per-tensor' if axis is None else f'x.shape[{axis}]'}), "
-                             f"got {t.numel()}")
-    return threshold, axis
+        if not fits(t):
+            raise ValueError(f"{name} must have {expected}, got shape {tuple(t.shape)}")
+
+
+# ---- Per-group and per-token (docs/method.md "Per-group and per-token")
+def group_size_of(x: torch.Tensor, group_size: int | None) -> int:
+    """G of a per-group call, or x.shape[-1] for per-token (group_size None)."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension for per-group or per-token "
+                         "quantization, got a 0-dim tensor")
+    k = x.shape[-1]
+    if group_size is None:
+        if k == 0:
+            raise ValueError("per-token quantization needs x.shape[-1] >= 1, got 0")
+        return k
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1 (or None: per token), got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide x.shape[-1] = {k}")
+    return group_size
+
+
+def group_shape(x: torch.Tensor, group_size: int | None) -> torch.Size:
+    """Shape of a per-group scale / zero point: x.shape[:-1] + (K // G,)."""
+    return x.shape[:-1] + (x.shape[-1] // group_size_of(x, group_size),)
+
+
+def check_group_qparams(x, scale, zero_point, group_size) -> None:
+    shape = group_shape(x, group_size)
+    check_qparams(x, scale, zero_point, lambda t: t.shape == shape,
+                  f"shape {tuple(shape)} = x.shape[:-1] + (x.shape[-1] // group_size,)")
+
+
+def check_eps(eps) -> None:
+    if eps is None:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
+            or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0 (or None: the default), got {eps!r}")
 
 
 def check_scale_values(scale: torch.Tensor) -> None:
@@ -82,3 +125,42 @@ def check_scale_values(scale: torch.Tensor) -> None:
         i = int(bad.reshape(-1).nonzero()[0])
         raise ValueError(f"scale must be finite and > 0, got {scale.reshape(-1)[i].item()} "
                          f"at index {i}")
+
+
+def check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
+                  lam, delta, grad=None) -> None:
+    """The fused ops' own checks as torch._check, for direct torch.ops calls
+    that bypass `validate`: run by every op's fake (so torch.compile raises as
+    eager does) and by the Triton op (the C++ ops check the same in C++)."""
+    torch._check(x.dtype in FLOAT_DTYPES,
+                 lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(quant_min < quant_max,
+                 lambda: f"quant_min ({quant_min}) must be < quant_max ({quant_max})")
+    torch._check(quant_min >= -(1 << 16) and quant_max < 1 << 16
+                 and quant_max - quant_min <= 0xFFFF,
+                 lambda: f"[quant_min, quant_max] must fit 16 bits, got [{quant_min}, "
+                         f"{quant_max}]")
+    check_mask_args(threshold, seed, offset)
+    torch._check(lam >= 0 and delta >= 0, lambda: "lam and delta must be >= 0")
+    channels = 1
+    if axis is not None:
+        torch._check(-x.dim() <= axis < x.dim(),
+                     lambda: f"axis {axis} is out of range for x of dim {x.dim()}")
+        channels = x.shape[axis]
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        torch._check(t.dtype == torch.float32, lambda: f"{name} must be float32, got {t.dtype}")
+        torch._check(t.device == x.device, lambda: f"{name} is on {t.device} but x is on "
+                                                   f"{x.device}")
+        torch._check(t.numel() == channels,
+                     lambda: f"{name} must have {channels} element(s), got {t.numel()}")
+    if grad is not None:
+        torch._check(grad.shape == x.shape and grad.dtype == x.dtype
+                     and grad.device == x.device,
+                     lambda: "grad must match x in shape, dtype and device")
+
+
+def check_mask_args(threshold, seed, offset) -> None:
+    """The mask's arguments as the ops take them (see check_op_args)."""
+    torch._check(0 <= threshold <= THRESHOLD_ONE,
+                 lambda: f"threshold must be in [0, 2^24], got {threshold}")
+    torch._check(seed >= 0 and offset >= 0, lambda: "seed and offset must be >= 0")

@@ -1,4 +1,8 @@
-"""Public functional API: fake_quantize, replacement_mask, available_backends."""
+"""Public functional API: fake_quantize, replacement_mask, available_backends.
+
+Arguments are checked here once, for every backend, before anything runs;
+the op layer (ops.py) then dispatches to the backend's torch op.
+"""
 from __future__ import annotations
 
 import warnings
@@ -8,12 +12,6 @@ import torch
 from . import ops, reference
 from ._checks import check_int, check_scale_values, ratio_to_threshold, validate
 
-try:  # Triton is optional (CPU-only torch wheels come without it).
-    from . import triton_fq
-except ImportError:  # pragma: no cover - depends on the install
-    triton_fq = None
-
-BACKENDS = ("reference", "cpu", "cuda", "triton")
 _HOW_TO_BUILD = {
     "cpu": "build the extension with a C++ compiler and torch installed: "
            "`pip install --no-build-isolation .` (or `make build`)",
@@ -26,24 +24,17 @@ _HOW_TO_BUILD = {
 _warned_fallback = False
 
 
-def _supports(backend: str, device: torch.device) -> bool:
-    if backend == "reference":
-        return True
-    if backend == "cpu":
-        return ops.HAS_EXTENSION and device.type == "cpu"
-    if backend == "cuda":
-        return ops.has_cuda_kernels() and device.type == "cuda"
-    return triton_fq is not None and triton_fq.supports(device)
-
-
-def available_backends() -> list[str]:
-    """Backends usable in this process: "reference" always; "cpu" when the
+def available_backends(device=None) -> list[str]:
+    """Backends usable in this process on `device` (a torch.device or string),
+    or on any device here when None: "reference" always; "cpu" when the
     extension is built; "cuda" when it has CUDA kernels and a GPU is present;
     "triton" when Triton can launch (a GPU, or TRITON_INTERPRET=1 on CPU)."""
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
-    return [b for b in BACKENDS if any(_supports(b, d) for d in devices)]
+    if device is not None:
+        devices = [torch.device(device)]
+    else:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")]
+                                           if torch.cuda.is_available() else [])
+    return [b for b in ops.BACKENDS if any(ops.supports(b, d) for d in devices)]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -53,7 +44,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     global _warned_fallback
     if backend == "auto":
         for b in (("cpu",) if device.type == "cpu" else ("cuda", "triton")):
-            if _supports(b, device):
+            if ops.supports(b, device):
                 return b
         if not _warned_fallback:
             _warned_fallback = True
@@ -61,25 +52,33 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             warnings.warn(f"pege_kernels: no fused kernel for {device.type} tensors{why}; "
                           "falling back to the slow 'reference' backend.", stacklevel=3)
         return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    if not _supports(backend, device):
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {ops.BACKENDS}, got {backend!r}")
+    if not ops.supports(backend, device):
         raise RuntimeError(f"backend {backend!r} cannot run on {device.type} tensors here. "
                            f"To use it, {_HOW_TO_BUILD[backend]}.")
     return backend
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                  quant_min: int, quant_max: int, *, ratio: float = 1.0, seed: int = 0,
-                  offset: int = 0, lam: float = 0.0, delta: float = 0.0,
-                  grad_factor: float = 1.0, axis: int | None = None,
+def _qparam(v, x: torch.Tensor):
+    """A Python number as a one-element float32 tensor on x's device (made
+    there by a fill, without a host-to-device copy), as torch's
+    fake_quantize_per_tensor_affine accepts; tensors pass unchanged."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(x, torch.Tensor):
+        return torch.full((1,), float(v), dtype=torch.float32, device=x.device)
+    return v
+
+
+def fake_quantize(x: torch.Tensor, scale, zero_point, quant_min: int, quant_max: int, *,
+                  ratio: float = 1.0, seed: int = 0, offset: int = 0, lam: float = 0.0,
+                  delta: float = 0.0, grad_factor: float = 1.0, axis: int | None = None,
                   backend: str = "auto") -> torch.Tensor:
     """PEGE fake quantization: y = m ? Q(x) : x, m the replacement mask.
 
     x: float32/float16/bfloat16, any shape and strides (computed in fp32).
-    scale, zero_point: float32 on x's device; one element (axis=None) or
-    x.shape[axis] elements (per-channel). zero_point is used as
-    clamp(round(zero_point), quant_min, quant_max).
+    scale, zero_point: float32 tensors on x's device, one element (axis=None)
+    or x.shape[axis] elements (per-channel); per-tensor, Python numbers too.
+    zero_point is used as clamp(round(zero_point), quant_min, quant_max).
     ratio: fraction of elements replaced (mask threshold round(ratio * 2^24));
     (seed, offset) select the mask. lam: weight of the discretization error,
     delta: EWGS scaling, grad_factor: LSQ gradient scale of scale/zero_point.
@@ -91,17 +90,17 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     that check would cost a host sync, so a bad GPU scale gives inf/NaN
     outputs instead of an error.
     """
+    if axis is None:
+        scale, zero_point = _qparam(scale, x), _qparam(zero_point, x)
     threshold, axis = validate(x, scale, zero_point, quant_min, quant_max, ratio, seed,
                                offset, lam, delta, grad_factor, axis)
+    check_scale_values(scale)
     args = (x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
             float(lam), float(delta), float(grad_factor))
     name = resolve_backend(backend, x.device)
     if name == "reference":
-        check_scale_values(scale)
         return reference.FakeQuantize.apply(*args)
-    if name == "triton":
-        return triton_fq.fake_quant(*args)
-    return torch.ops.pege.fake_quant(*args)
+    return ops.namespace(name).fake_quant(*args)
 
 
 def replacement_mask(shape, ratio: float, seed: int, offset: int = 0, device=None, *,
@@ -118,6 +117,4 @@ def replacement_mask(shape, ratio: float, seed: int, offset: int = 0, device=Non
         return reference.replacement_mask(shape, threshold, seed, offset, device)
     # A zero-stride stand-in carries shape and device without memory.
     like = torch.empty((), device=device).expand(shape)
-    if name == "triton":
-        return triton_fq.replacement_mask(like, threshold, seed, offset)
-    return torch.ops.pege.replacement_mask(like, threshold, seed, offset)
+    return ops.namespace(name).replacement_mask(like, threshold, seed, offset)

@@ -1,5 +1,16 @@
-"""The compiled ops torch.ops.pege.* (schemas and CPU/CUDA impls in csrc/):
-their fake impls for torch.compile and their autograd.
+"""The backend-neutral op layer: which backend runs where, and, for every
+fused backend, the op's fake implementation (for torch.compile) and its
+autograd, defined once here. Backend modules hold kernels and launches only.
+
+Every fused backend registers the same three ops under its own namespace
+(pege:: from csrc/pege_ops.cpp for the "cpu" and "cuda" kernels,
+pege_triton:: from triton_fq.py):
+
+    fake_quant(x, scale, zero_point, quant_min, quant_max, threshold, seed,
+               offset, axis, lam, delta, grad_factor) -> y
+    fake_quant_backward(grad, <the same arguments>, qparam_grad)
+        -> (dx, dscale, dzero_point)
+    replacement_mask(like, threshold, seed, offset) -> bool mask of like's shape
 
 Saved for backward: x, scale and zero_point (no mask, no copy); the backward
 op regenerates the mask from (seed, offset).
@@ -9,6 +20,10 @@ from __future__ import annotations
 import os
 
 import torch
+
+from ._checks import check_mask_args, check_op_args
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 HAS_EXTENSION = False
 EXTENSION_ERROR: Exception | None = None
@@ -21,6 +36,11 @@ try:
 except ImportError as err:
     EXTENSION_ERROR = err
 
+try:  # Triton is optional (CPU-only torch wheels come without it).
+    from . import triton_fq
+except ImportError:  # pragma: no cover - depends on the install
+    triton_fq = None
+
 
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels."""
@@ -28,43 +48,71 @@ def has_cuda_kernels() -> bool:
         "pege::fake_quant", "CUDA")
 
 
-def setup_context(ctx, inputs, output):
-    """Autograd context of a fused fake_quant op: x, scale, zero point and the
-    scalars; never the mask."""
+def supports(backend: str, device: torch.device) -> bool:
+    """Whether `backend` runs on tensors of `device` in this process."""
+    device = torch.device(device)
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return HAS_EXTENSION and device.type == "cpu"
+    if backend == "cuda":
+        return has_cuda_kernels() and device.type == "cuda" and torch.cuda.is_available()
+    return backend == "triton" and triton_fq is not None and triton_fq.supports(device)
+
+
+def namespace(backend: str):
+    """torch.ops namespace of a fused backend's ops."""
+    return torch.ops.pege_triton if backend == "triton" else torch.ops.pege
+
+
+# ------------------------------------------------- fakes, shared by namespaces
+def _fake_quant_fake(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset,
+                     axis, lam, delta, grad_factor):
+    check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
+                  lam, delta)
+    return x.new_empty(x.shape)
+
+
+def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, threshold,
+                              seed, offset, axis, lam, delta, grad_factor, qparam_grad):
+    check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
+                  lam, delta, grad)
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), \
+        zero_point.new_empty(zero_point.shape)
+
+
+def _replacement_mask_fake(like, threshold, seed, offset):
+    check_mask_args(threshold, seed, offset)
+    return like.new_empty(like.shape, dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs, output):
     x, scale, zero_point, *args = inputs
     ctx.save_for_backward(x, scale, zero_point)
     ctx.args = args
 
 
-def autograd_backward(backward_op):
-    """The autograd backward of a fused fake_quant op, calling its backward op
-    (backward_op() returns it) with the saved tensors and scalars."""
+def _register(ns: str) -> None:
+    """Fakes and autograd of the ops in namespace `ns`."""
+    ops = getattr(torch.ops, ns)
+    torch.library.register_fake(f"{ns}::fake_quant")(_fake_quant_fake)
+    torch.library.register_fake(f"{ns}::fake_quant_backward")(_fake_quant_backward_fake)
+    torch.library.register_fake(f"{ns}::replacement_mask")(_replacement_mask_fake)
+    backward_op = ops.fake_quant_backward
+    # One gradient slot per input; only x, scale and zero_point get one.
+    n_args = len(ops.fake_quant.default._schema.arguments)
+
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, ds, dz = backward_op()(grad, x, scale, zero_point, *ctx.args, need[1] or need[2])
+        dx, ds, dz = backward_op(grad, x, scale, zero_point, *ctx.args, need[1] or need[2])
         return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
-                *([None] * 9))
-    return backward
+                *([None] * (n_args - 3)))
+
+    torch.library.register_autograd(f"{ns}::fake_quant", backward, setup_context=_setup_context)
 
 
 if HAS_EXTENSION:
-
-    @torch.library.register_fake("pege::fake_quant")
-    def _fake_quant_fake(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset,
-                         axis, lam, delta, grad_factor):
-        return x.new_empty(x.shape)
-
-    @torch.library.register_fake("pege::fake_quant_backward")
-    def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, threshold,
-                                  seed, offset, axis, lam, delta, grad_factor, qparam_grad):
-        return x.new_empty(x.shape), scale.new_empty(scale.shape), \
-            zero_point.new_empty(zero_point.shape)
-
-    @torch.library.register_fake("pege::replacement_mask")
-    def _replacement_mask_fake(like, threshold, seed, offset):
-        return like.new_empty(like.shape, dtype=torch.bool)
-
-    torch.library.register_autograd(
-        "pege::fake_quant", autograd_backward(lambda: torch.ops.pege.fake_quant_backward),
-        setup_context=setup_context)
+    _register("pege")
+if triton_fq is not None:
+    _register("pege_triton")

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ._checks import check_eps, check_group_qparams, group_shape, group_size_of  # noqa: F401
+
 # Philox4x32-10 constants (Random123; the same as Triton's tl.randint).
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -166,24 +168,30 @@ def backward(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset, ax
     return dx, (grad_factor * gs).reshape(scale.shape), (grad_factor * gz).reshape(zero_point.shape)
 
 
-class FakeQuantize(torch.autograd.Function):
-    """Autograd for the reference backend. Saves x, scale and zero point only:
-    the mask is regenerated in backward from (seed, offset)."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis,
-                lam, delta, grad_factor):
+def _learned_autograd(name, forward_fn, backward_fn, doc):
+    """An autograd Function over forward_fn(x, scale, zero_point, *args[:6])
+    and backward_fn(grad, x, scale, zero_point, *args) (args: qmin, qmax,
+    threshold, seed, offset, axis or group_size, lam, delta, grad_factor).
+    Saves x, scale and zero point only: the mask is regenerated in backward
+    from (seed, offset)."""
+    def fwd(ctx, x, scale, zero_point, *args):
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.args = (qmin, qmax, threshold, seed, offset, axis, lam, delta, grad_factor)
-        return forward(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis)
+        ctx.args = args
+        return forward_fn(x, scale, zero_point, *args[:6])
 
-    @staticmethod
-    def backward(ctx, grad):
+    def bwd(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
-        dx, ds, dz = backward(grad, x, scale, zero_point, *ctx.args)
+        dx, ds, dz = backward_fn(grad, x, scale, zero_point, *ctx.args)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
-                *([None] * 9))
+                *([None] * len(ctx.args)))
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": doc})
+
+
+FakeQuantize = _learned_autograd("FakeQuantize", forward, backward,
+                                 "Autograd of the reference backend, per tensor or channel.")
 
 
 # ---- Per-group and per-token (contract section 9; docs/method.md "Per-group and per-token")
@@ -194,53 +202,10 @@ class FakeQuantize(torch.autograd.Function):
 _INT32_MIN = -(1 << 31)
 
 
-def group_size_of(x: torch.Tensor, group_size: int | None) -> int:
-    """G of a per-group call, or x.shape[-1] for per-token (group_size None)."""
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension for per-group or per-token "
-                         "quantization, got a 0-dim tensor")
-    k = x.shape[-1]
-    if group_size is None:
-        if k == 0:
-            raise ValueError("per-token quantization needs x.shape[-1] >= 1, got 0")
-        return k
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1 (or None: per token), got {group_size!r}")
-    if k % group_size:
-        raise ValueError(f"group_size {group_size} does not divide x.shape[-1] = {k}")
-    return group_size
-
-
-def group_shape(x: torch.Tensor, group_size: int | None) -> torch.Size:
-    """Shape of a per-group scale / zero point: x.shape[:-1] + (K // G,)."""
-    return x.shape[:-1] + (x.shape[-1] // group_size_of(x, group_size),)
-
-
 def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """x as (..., K // G, G); a non-contiguous x is copied in row-major order."""
     g = group_size_of(x, group_size)
     return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
-
-
-def _check_group_qparams(x, scale, zero_point, group_size) -> None:
-    shape = group_shape(x, group_size)
-    for name, t in (("scale", scale), ("zero_point", zero_point)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a float32 tensor, got {got}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if t.shape != shape:
-            raise ValueError(f"{name} must have shape {tuple(shape)} = x.shape[:-1] + "
-                             f"(x.shape[-1] // group_size,), got {tuple(t.shape)}")
-
-
-def check_eps(eps) -> None:
-    if eps is None:
-        return
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
-            or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0 (or None: the default), got {eps!r}")
 
 
 def _trunc_int32(z: torch.Tensor) -> torch.Tensor:
@@ -302,7 +267,7 @@ def forward_grouped(x, scale, zero_point, qmin, qmax, threshold, seed, offset, g
     dynamic=True it is group_qparams' integer zero point, used as is.
     """
     xg = _grouped(x, group_size)
-    _check_group_qparams(x, scale, zero_point, group_size)
+    check_group_qparams(x, scale, zero_point, group_size)
     x32 = xg.float()
     s, z = scale.unsqueeze(-1), zero_point.unsqueeze(-1)
     zi = z if dynamic else _int_zero_point(z, qmin, qmax)
@@ -317,7 +282,7 @@ def backward_grouped(grad, x, scale, zero_point, qmin, qmax, threshold, seed, of
     sums taken per group (shaped like scale). dynamic=True: the qparams are
     constants, so (dx, None, None)."""
     xg = _grouped(x, group_size)
-    _check_group_qparams(x, scale, zero_point, group_size)
+    check_group_qparams(x, scale, zero_point, group_size)
     x32, g = xg.float(), grad.reshape(xg.shape).float()
     s, z = scale.unsqueeze(-1), zero_point.unsqueeze(-1)
     zi = z if dynamic else _int_zero_point(z, qmin, qmax)
@@ -331,25 +296,9 @@ def backward_grouped(grad, x, scale, zero_point, qmin, qmax, threshold, seed, of
     return dx, grad_factor * ts.sum(-1), grad_factor * tz.sum(-1)
 
 
-class FakeQuantizeGrouped(torch.autograd.Function):
-    """Learned per-group / per-token (s, z). Saves x, scale and zero point;
-    the mask is regenerated in backward from (seed, offset)."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, threshold, seed, offset, group_size,
-                lam, delta, grad_factor):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.args = (qmin, qmax, threshold, seed, offset, group_size, lam, delta, grad_factor)
-        return forward_grouped(x, scale, zero_point, qmin, qmax, threshold, seed, offset,
-                               group_size)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        dx, ds, dz = backward_grouped(grad, x, scale, zero_point, *ctx.args)
-        need = ctx.needs_input_grad
-        return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
-                *([None] * 9))
+FakeQuantizeGrouped = _learned_autograd("FakeQuantizeGrouped", forward_grouped,
+                                        backward_grouped,
+                                        "Autograd of learned per-group / per-token (s, z).")
 
 
 class FakeQuantizeDynamic(torch.autograd.Function):

@@ -21,6 +21,7 @@ import copy
 import csv
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -158,31 +159,80 @@ def train_run(model, fit, val, cfg, seed, epochs, lr, desc, curriculum_frac=None
     return curves
 
 
-def run_jobs(jobs, fit, val, test, seeds, args, phase):
-    """Every job (bits, estimator, config index, cfg) for every seed. Per seed
-    one FP model is pre-trained on `fit` and shared by the jobs. Each run is
+def fp_run(seed, fit, val, test, args, phase):
+    """The seed's FP model, pre-trained on `fit`, and its run record."""
+    torch.manual_seed(seed)
+    fp = args.model()
+    curves = train_run(fp, fit, val, args, seed, args.fp_epochs, args.fp_lr,
+                       f"{phase} seed {seed} FP")
+    score_on = test if test is not None else val
+    return fp, dict(phase=phase, seed=seed, bits="fp", estimator="fp", config=0,
+                    acc=evaluate(fp, score_on, 512, args.prep_test), curves=curves)
+
+
+def qat_run(fp, seed, job, fit, val, test, phase):
+    """One job (bits, estimator, config index, cfg) from the seed's FP model,
     scored on `test` when given (once, at the end), else on `val`."""
-    runs, score_on = [], test if test is not None else val
-    for seed in seeds:
-        torch.manual_seed(seed)
-        fp = args.model()
-        curves = train_run(fp, fit, val, args, seed, args.fp_epochs, args.fp_lr,
-                           f"{phase} seed {seed} FP")
-        runs.append(dict(phase=phase, seed=seed, bits="fp", estimator="fp", config=0,
-                         acc=evaluate(fp, score_on, 512, args.prep_test), curves=curves))
-        for bits, est, index, cfg in jobs:
-            t0 = time.time()
-            model = quantize(fp, bits, est, cfg, seed)
-            name = f"W{bits[0]}A{bits[1]}"
-            curves = train_run(model, fit, val, cfg, seed + 1000, cfg.epochs, cfg.lr,
-                               f"{phase} seed {seed} {name} {est} #{index}",
-                               cfg.curriculum_frac if est.startswith("pege") else None)
-            acc = evaluate(model, score_on, 512, cfg.prep_test)
-            runs.append(dict(phase=phase, seed=seed, bits=name, estimator=est, config=index,
-                             acc=acc, curves=curves, hp=hyperparameters(cfg, est)))
-            where = "test" if test is not None else "val"
-            print(f"{phase} seed {seed} {name} {est:<9} #{index}: {where} acc {acc:.2f}% "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+    bits, est, index, cfg = job
+    t0 = time.time()
+    model = quantize(fp, bits, est, cfg, seed)
+    name = f"W{bits[0]}A{bits[1]}"
+    curves = train_run(model, fit, val, cfg, seed + 1000, cfg.epochs, cfg.lr,
+                       f"{phase} seed {seed} {name} {est} #{index}",
+                       cfg.curriculum_frac if est.startswith("pege") else None)
+    acc = evaluate(model, test if test is not None else val, 512, cfg.prep_test)
+    where = "test" if test is not None else "val"
+    print(f"{phase} seed {seed} {name} {est:<9} #{index}: {where} acc {acc:.2f}% "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    return dict(phase=phase, seed=seed, bits=name, estimator=est, config=index, acc=acc,
+                curves=curves, hp=hyperparameters(cfg, est))
+
+
+_SHARED = None  # (jobs, fit, val, test, args, phase) for forked workers
+
+
+def _worker_init(threads):
+    torch.set_num_threads(max(threads, 1))
+
+
+def _fp_task(seed):
+    jobs, fit, val, test, args, phase = _SHARED
+    return fp_run(seed, fit, val, test, args, phase)
+
+
+def _qat_task(task):
+    fp, seed, j = task
+    jobs, fit, val, test, args, phase = _SHARED
+    return qat_run(fp, seed, jobs[j], fit, val, test, phase)
+
+
+def run_jobs(jobs, fit, val, test, seeds, args, phase):
+    """Per seed, one FP model pre-trained on `fit`, then every job (bits,
+    estimator, config index, cfg) from it; runs in seed order. With
+    args.jobs > 1 the FP models, then the jobs, are spread over that many
+    worker processes (forked: they share the data); a run depends only on its
+    seed and job, not on the process that ran it."""
+    global _SHARED
+    workers = min(args.jobs, len(seeds) * max(len(jobs), 1))
+    _SHARED = (jobs, fit, val, test, args, phase)
+    try:
+        if workers <= 1:
+            fps = [_fp_task(seed) for seed in seeds]
+            tasks = [(fp, seed, j) for (fp, _), seed in zip(fps, seeds) for j in range(len(jobs))]
+            qat = [_qat_task(t) for t in tasks]
+        else:
+            import multiprocessing
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(workers, _worker_init, (args.threads,)) as pool:
+                fps = pool.map(_fp_task, seeds, chunksize=1)
+                tasks = [(fp, seed, j) for (fp, _), seed in zip(fps, seeds)
+                         for j in range(len(jobs))]
+                qat = pool.map(_qat_task, tasks, chunksize=1)
+    finally:
+        _SHARED = None
+    runs = []
+    for i, (_, fp_record) in enumerate(fps):
+        runs += [fp_record] + qat[i * len(jobs):(i + 1) * len(jobs)]
     return runs
 
 
@@ -417,6 +467,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (0: torch's default; mnist1d, digits: 1)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="runs trained at once, one process each (default: the cores "
+                         "available divided by --threads; 1 where --threads is 0)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", default="results/train")
     ap.add_argument("--no-progress", action="store_true")
@@ -426,6 +479,12 @@ def parse_args(argv=None):
                 "threads"):
         if getattr(args, key) is None:
             setattr(args, key, task[key])
+    if args.jobs is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        args.jobs = max(1, cores // args.threads) if args.threads else 1
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
     args.fp_lr = args.fp_lr if args.fp_lr is not None else task["lr"]
     args.model, args.progress = task["model"], not args.no_progress
     try:

@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_scale_values
-from .ops import autograd_backward, setup_context
+from ._checks import check_mask_args, check_op_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -350,19 +349,17 @@ def _mask(out, threshold, seed, offset):
 
 
 # ------------------------------------------------------------ torch ops
+# Schemas and launches only: fakes and autograd are ops.py's, shared with the
+# C++ ops. The impls check their arguments as the C++ ops do, for direct
+# torch.ops.pege_triton calls; fake_quantize has checked them already.
 @torch.library.custom_op("pege_triton::fake_quant", mutates_args=())
 def _fake_quant_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    quant_min: int, quant_max: int, threshold: int, seed: int, offset: int,
                    axis: int | None, lam: float, delta: float,
                    grad_factor: float) -> torch.Tensor:
-    check_scale_values(scale)
+    check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
+                  lam, delta)
     return _fwd(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis)
-
-
-@_fake_quant_op.register_fake
-def _(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis, lam, delta,
-      grad_factor):
-    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("pege_triton::fake_quant_backward", mutates_args=())
@@ -371,32 +368,16 @@ def _fake_quant_backward_op(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
                             threshold: int, seed: int, offset: int, axis: int | None,
                             lam: float, delta: float, grad_factor: float, qparam_grad: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
+                  lam, delta, grad)
     # The partial sums cost little next to dx, so they are always reduced.
     return _bwd(grad, x, scale, zero_point, quant_min, quant_max, threshold, seed, offset,
                 axis, lam, delta, grad_factor)
 
 
-@_fake_quant_backward_op.register_fake
-def _(grad, x, scale, zero_point, *args):
-    return x.new_empty(x.shape), scale.new_empty(scale.shape), \
-        zero_point.new_empty(zero_point.shape)
-
-
 @torch.library.custom_op("pege_triton::replacement_mask", mutates_args=())
 def _replacement_mask_op(like: torch.Tensor, threshold: int, seed: int,
                          offset: int) -> torch.Tensor:
+    check_mask_args(threshold, seed, offset)
     return _mask(torch.empty(like.shape, dtype=torch.bool, device=like.device), threshold,
                  seed, offset)
-
-
-@_replacement_mask_op.register_fake
-def _(like, threshold, seed, offset):
-    return like.new_empty(like.shape, dtype=torch.bool)
-
-
-_fake_quant_op.register_autograd(
-    autograd_backward(lambda: torch.ops.pege_triton.fake_quant_backward),
-    setup_context=setup_context)
-
-fake_quant = torch.ops.pege_triton.fake_quant
-replacement_mask = torch.ops.pege_triton.replacement_mask

@@ -14,22 +14,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pege_kernels as pk  # noqa: E402
-from pege_kernels import functional  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED = ("cpu", "cuda", "triton")
 
 
 def fused_backends(device) -> list[str]:
-    """The fused backends that run on tensors of `device` in this process.
-
-    Decided per device, not from available_backends(): that lists triton as
-    soon as a GPU is present, yet triton runs CPU tensors only under
-    TRITON_INTERPRET=1 (and then no CUDA tensors)."""
+    """The fused backends that run on tensors of `device` in this process
+    (triton runs CPU tensors only under TRITON_INTERPRET=1, and then no CUDA
+    tensors)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return []
-    return [b for b in FUSED if functional._supports(b, device)]
+    return [b for b in pk.available_backends(device) if b in FUSED]
 
 
 # Fused backends that run on CPU tensors here (triton only under TRITON_INTERPRET=1).

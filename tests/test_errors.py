@@ -67,3 +67,41 @@ def test_mask_arguments_checked():
         pk.replacement_mask((3,), 2.0, seed=0)
     with pytest.raises(ValueError, match="seed"):
         pk.replacement_mask((3,), 0.5, seed=-2)
+
+
+# Direct torch.ops calls skip fake_quantize's checks; each op checks its own
+# arguments, and its fake checks the same under torch.compile.
+OP_CASES = [
+    (dict(quant_min=7, quant_max=7), "quant_min"),
+    (dict(threshold=(1 << 24) + 1), "threshold"),
+    (dict(seed=-1), "seed"),
+    (dict(lam=-1.0), "lam"),
+    (dict(axis=2), "axis"),
+    (dict(scale=torch.tensor([0.1, 0.2])), "scale must have 1"),
+    (dict(zero_point=torch.tensor([0.0], dtype=torch.float64)), "zero_point must be float32"),
+]
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_KERNELS])
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kw,match", OP_CASES, ids=[c[1] for c in OP_CASES])
+def test_direct_op_calls_checked(backend, compiled, kw, match):
+    from pege_kernels import ops
+    args = dict(x=X, scale=S, zero_point=Z, quant_min=-8, quant_max=7, threshold=1 << 23,
+                seed=0, offset=0, axis=None, lam=0.0, delta=0.0, grad_factor=1.0)
+    args.update(kw)
+    op = ops.namespace(backend).fake_quant
+    fn = torch.compile(op, fullgraph=True, backend="eager") if compiled else op
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=match):
+        fn(*args.values())
+
+
+def test_python_numbers_as_per_tensor_qparams():
+    """As torch.fake_quantize_per_tensor_affine accepts them."""
+    y = pk.fake_quantize(X, 0.1, 0, -8, 7)
+    assert torch.equal(y, pk.fake_quantize(X, S, Z, -8, 7))
+    with pytest.raises(TypeError, match="scale must be a float32 tensor"):
+        pk.fake_quantize(X, 0.1, 0, -8, 7, axis=0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        pk.fake_quantize(X, 0.0, 0, -8, 7)

@@ -83,6 +83,8 @@ def test_available_backends():
     b = pk.available_backends()
     assert b[0] == "reference"
     assert ("cpu" in b) == ops.HAS_EXTENSION
+    assert pk.available_backends("cpu") == [x for x in b if ops.supports(x, "cpu")]
+    assert "cpu" not in pk.available_backends("cuda") and "cuda" not in pk.available_backends("cpu")
 
 
 @needs_ext

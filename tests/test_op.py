@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pege_kernels as pk
-from pege_kernels import functional
+from pege_kernels import functional, ops
 from pege_kernels._checks import ratio_to_threshold
 from pege_kernels.reference import philox4x32_10
 
@@ -21,16 +21,16 @@ needs_cuda_backend = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a GP
 def test_cpu_kernels_run_on_cpu_tensors():
     """Triton runs CPU tensors only under TRITON_INTERPRET=1, whatever
     available_backends() says (it lists triton as soon as a GPU is present)."""
-    assert ("triton" in CPU_KERNELS) == (INTERPRETED and functional.triton_fq is not None)
+    assert ("triton" in CPU_KERNELS) == (INTERPRETED and ops.triton_fq is not None)
     assert "cuda" not in CPU_KERNELS
 
 
 def test_fused_backends_on_a_gpu_machine(monkeypatch):
     """What a GPU machine sees without the interpreter, simulated here."""
-    if functional.triton_fq is None:
+    if ops.triton_fq is None:
         pytest.skip("triton is not installed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(functional.triton_fq, "INTERPRET", False)
+    monkeypatch.setattr(ops.triton_fq, "INTERPRET", False)
     assert "triton" in pk.available_backends()
     assert "triton" not in fused_backends("cpu")
     assert "triton" in fused_backends("cuda")

@@ -13,7 +13,7 @@ from pege_kernels import train, train_data
 from pege_kernels.nn import Quantizer
 
 TINY = ["--samples", "200", "--epochs", "1", "--fp-epochs", "1", "--bits", "2/2",
-        "--batch-size", "64", "--no-progress"]
+        "--batch-size", "64", "--no-progress", "--jobs", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -144,6 +144,16 @@ def test_cli_smoke_on_mnist1d(tmp_path, capsys):
     assert len(rows) == 5 and {"diff_mean", "ci_low", "ci_high"} <= set(rows[0])
     for png in ("accuracy.png", "curriculum.png", "final.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_in_worker_processes_give_the_same_runs(tmp_path):
+    args = TINY[:-2] + ["--seeds", "0,1", "--estimators", "ste,pege"]
+    train.main(args + ["--jobs", "1", "--out", str(tmp_path / "one")])
+    train.main(args + ["--jobs", "2", "--out", str(tmp_path / "two")])
+    one, two = (json.loads((tmp_path / d / "runs.json").read_text())["runs"]
+                for d in ("one", "two"))
+    assert [(r["seed"], r["estimator"]) for r in one] == [(r["seed"], r["estimator"]) for r in two]
+    assert [(r["acc"], r["curves"]) for r in one] == [(r["acc"], r["curves"]) for r in two]
 
 
 def test_tune_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch):

@@ -195,36 +195,50 @@ __device__ __forceinline__ void write_partials(float acc_s, float acc_z, int64_t
   }
 }
 
-template <typename T, int VEC, bool ALIGNED>
-__global__ void backward_runs_kernel(const T* __restrict__ g, const T* __restrict__ x,
-                                     T* __restrict__ dx, const float* __restrict__ s,
-                                     const float* __restrict__ z, QuantParams p,
-                                     float* __restrict__ part_s, float* __restrict__ part_z) {
+// The grid-stride walk of backward_runs and backward_groups: for each channel
+// of this block's row, unit(ch, c, u, acc_s, acc_z) for every u < units of the
+// channel, then the block's partial sums of the channel.
+template <typename Unit>
+__device__ __forceinline__ void walk_channels(const float* __restrict__ s,
+                                              const float* __restrict__ z,
+                                              const QuantParams& p, int64_t units,
+                                              float* __restrict__ part_s,
+                                              float* __restrict__ part_z, Unit unit) {
   __shared__ float shared[32];
-  const int64_t per_channel = p.numel / p.channels;  // outer * inner
-  const int64_t units = (per_channel + VEC - 1) / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
     const Channel ch = channel_at(c, s, z, p);
     float acc_s = 0.0f, acc_z = 0.0f;
     for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
-         u += stride) {
-      const int64_t f0 = u * VEC;  // index within the channel
-      const int64_t i0 =
-          p.channels == 1 ? f0 : (f0 / p.inner * p.channels + c) * p.inner + f0 % p.inner;
-      const int n = static_cast<int>(VEC < per_channel - f0 ? VEC : per_channel - f0);
-      uint32_t w[VEC];
-      group_words<VEC / 4>(i0, p, w);
-      float gv[VEC], xv[VEC];
-      load_unit<ALIGNED>(g, i0, n, gv);
-      load_unit<ALIGNED>(x, i0, n, xv);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        if (k < n) gv[k] = backward_value(gv[k], xv[k], ch, w[k], p, acc_s, acc_z);
-      store_unit<ALIGNED>(dx, i0, n, gv);
-    }
+         u += stride)
+      unit(ch, c, u, acc_s, acc_z);
     write_partials(acc_s, acc_z, c, p, part_s, part_z, shared);
   }
+}
+
+template <typename T, int VEC, bool ALIGNED>
+__global__ void backward_runs_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                     T* __restrict__ dx, const float* __restrict__ s,
+                                     const float* __restrict__ z, QuantParams p,
+                                     float* __restrict__ part_s, float* __restrict__ part_z) {
+  const int64_t per_channel = p.numel / p.channels;  // outer * inner
+  const int64_t units = (per_channel + VEC - 1) / VEC;
+  walk_channels(s, z, p, units, part_s, part_z,
+                [&](const Channel& ch, int64_t c, int64_t u, float& acc_s, float& acc_z) {
+    const int64_t f0 = u * VEC;  // index within the channel
+    const int64_t i0 =
+        p.channels == 1 ? f0 : (f0 / p.inner * p.channels + c) * p.inner + f0 % p.inner;
+    const int n = static_cast<int>(VEC < per_channel - f0 ? VEC : per_channel - f0);
+    uint32_t w[VEC];
+    group_words<VEC / 4>(i0, p, w);
+    float gv[VEC], xv[VEC];
+    load_unit<ALIGNED>(g, i0, n, gv);
+    load_unit<ALIGNED>(x, i0, n, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (k < n) gv[k] = backward_value(gv[k], xv[k], ch, w[k], p, acc_s, acc_z);
+    store_unit<ALIGNED>(dx, i0, n, gv);
+  });
 }
 
 template <typename T>
@@ -233,31 +247,24 @@ __global__ void backward_groups_kernel(const T* __restrict__ g, const T* __restr
                                        const float* __restrict__ z, QuantParams p,
                                        float* __restrict__ part_s,
                                        float* __restrict__ part_z) {
-  __shared__ float shared[32];
   // A run of `inner` elements overlaps at most (inner + 2) / 4 + 1 groups.
   const int64_t per_run = (p.inner + 2) / 4 + 1;
   const int64_t units = p.numel / (p.channels * p.inner) * per_run;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
-    const Channel ch = channel_at(c, s, z, p);
-    float acc_s = 0.0f, acc_z = 0.0f;
-    for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
-         u += stride) {
-      const int64_t start = (u / per_run * p.channels + c) * p.inner;
-      const int64_t i0 = ((start >> 2) + u % per_run) * 4;  // the group's first index
-      if (i0 >= start + p.inner) continue;
-      uint32_t w[4];
-      group_words<1>(i0, p, w);
+  walk_channels(s, z, p, units, part_s, part_z,
+                [&](const Channel& ch, int64_t c, int64_t u, float& acc_s, float& acc_z) {
+    const int64_t start = (u / per_run * p.channels + c) * p.inner;
+    const int64_t i0 = ((start >> 2) + u % per_run) * 4;  // the group's first index
+    if (i0 >= start + p.inner) return;
+    uint32_t w[4];
+    group_words<1>(i0, p, w);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t i = i0 + k;
-        if (i >= start && i < start + p.inner)
-          dx[i] = to_out<T>(backward_value(static_cast<float>(g[i]), static_cast<float>(x[i]),
-                                           ch, w[k], p, acc_s, acc_z));
-      }
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = i0 + k;
+      if (i >= start && i < start + p.inner)
+        dx[i] = to_out<T>(backward_value(static_cast<float>(g[i]), static_cast<float>(x[i]),
+                                         ch, w[k], p, acc_s, acc_z));
     }
-    write_partials(acc_s, acc_z, c, p, part_s, part_z, shared);
-  }
+  });
 }
 
 // Block (32 column quads) x (8 row lanes); blockIdx.y is a segment of rows.
