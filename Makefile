@@ -37,7 +37,8 @@ test: build pytest ctest wheel-check gpu-compile-check
 
 # Where a CUDA toolkit is found, the default build must carry the CUDA kernels.
 pytest: build
-	PYTHONPATH=$(CURDIR) $(if $(CUDA_HOME),PEGE_EXPECT_CUDA_KERNELS=1) $(PY) -m pytest -q tests
+	PYTHONPATH=$(CURDIR) $(if $(CUDA_HOME),PEGE_EXPECT_CUDA_KERNELS=1) $(PY) -m pytest -q tests \
+		benchmarks/test_bench_ops.py
 
 # CMake build of the same sources against libtorch (with the CUDA kernels when
 # a toolkit is found) and CTest. libtorch's CUDA targets link NVRTC, which pip

@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import datetime
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -251,6 +254,9 @@ def main(argv=None):
                          "unmapped per call: every output pays page faults); by default "
                          "freed memory is kept in the process, see keep_freed_memory()")
     ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--history", default=None, metavar="CSV",
+                    help="also append the rows, dated, to this CSV (benchmarks/history.csv "
+                         "keeps the runs README quotes)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -303,6 +309,36 @@ def main(argv=None):
                 del timed
                 print(f"done: {mode} {dtype_name} {size_text}", flush=True)
     write(rows, saved_rows, out_dir, header, failed)
+    if args.history:
+        append_history(args.history, rows, header, sys.argv[1:] if argv is None else argv)
+
+
+HISTORY_FIELDS = ["date", "commit", "setup", "command", "mode", "dtype", "size", "method",
+                  "pass_", "ms", "gbps", "pct_copy"]
+
+
+def append_history(path, rows, header, argv):
+    """Appends this run's rows, dated and with the commit and setup, to the
+    CSV at `path` (the figures' history; README quotes the latest)."""
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    try:  # "-dirty": measured with uncommitted changes
+        commit = git("rev-parse", "--short", "HEAD") + (
+            "-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    path = Path(path)
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                 commit=commit, setup=header,
+                 command=" ".join(["bench_ops.py", *argv]))
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows({**stamp, **r} for r in rows)
 
 
 def write(rows, saved_rows, out_dir, header, failed=()):

@@ -67,3 +67,22 @@ def test_failing_methods_are_marked_na(monkeypatch, tmp_path, capsys):
     assert "fine" in results and "no saved bytes" in results and "copy" in results
     assert "broken" not in results and "late" not in results
     assert (tmp_path / "gbps.png").exists()
+
+
+def test_history_rows_are_appended_with_date_commit_and_setup(monkeypatch, tmp_path):
+    import csv
+
+    import bench_ops
+
+    monkeypatch.setattr(bench_ops, "methods", lambda *a: {"double": lambda x, s, z: x * 2.0})
+    args = ["--sizes", "4K", "--dtypes", "float32", "--modes", "per-tensor", "--rounds", "1",
+            "--round-time", "0.001", "--out", str(tmp_path), "--history",
+            str(tmp_path / "h.csv")]
+    bench_ops.main(args)
+    bench_ops.main(args)
+    with open(tmp_path / "h.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 4  # copy fwd; double fwd, bwd, full: per run
+    assert {r["method"] for r in rows} == {"copy", "double"}
+    assert all(r["date"] and r["commit"] and "THP_MEM_ALLOC_ENABLE" in r["setup"]
+               and "--history" in r["command"] for r in rows)

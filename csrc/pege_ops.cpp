@@ -88,7 +88,7 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale,
   // The mask is defined on the row-major logical index, so a non-contiguous
   // x is walked as its contiguous copy (one extra pass, only for such views).
   const auto xc = x.contiguous();
-  auto y = at::empty(x.sizes(), x.options());
+  auto y = new_output(x);
   if (p.numel > 0) launch(xc, scale.contiguous(), zero_point.contiguous(), y, p);
   return y;
 }
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
               "pege: grad must match x in shape, dtype and device");
-  auto dx = at::empty(x.sizes(), x.options());
+  auto dx = new_output(x);
   auto ds = at::zeros(scale.sizes(), scale.options());
   auto dz = at::zeros(zero_point.sizes(), zero_point.options());
   if (p.numel > 0)
@@ -142,6 +142,7 @@ TORCH_LIBRARY(pege, m) {
       "float lam, float delta, float grad_factor, bool qparam_grad) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("replacement_mask(Tensor like, int threshold, int seed, int offset) -> Tensor");
+  m.def("release_cpu_cache() -> int", &release_cpu_cache);
 }
 
 TORCH_LIBRARY_IMPL(pege, CPU, m) {

@@ -33,6 +33,13 @@ struct QuantParams {
   float lam, delta, grad_factor;
 };
 
+// A contiguous tensor shaped like `like` for an op's output: on the CPU, from
+// 4 MiB up, huge-page-advised memory that is reused after the tensor dies
+// (cpu/output_memory.cpp); otherwise at::empty.
+at::Tensor new_output(const at::Tensor& like);
+// Frees the CPU output blocks kept for reuse; returns their bytes.
+int64_t release_cpu_cache();
+
 // y = m ? q : x. x contiguous; y preallocated like x.
 void fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
                     const at::Tensor& zero_point, at::Tensor& y,

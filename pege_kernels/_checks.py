@@ -80,6 +80,8 @@ def check_qparams(x, scale, zero_point, fits, expected: str) -> None:
 # ---- Per-group and per-token (docs/method.md "Per-group and per-token")
 def group_size_of(x: torch.Tensor, group_size: int | None) -> int:
     """G of a per-group call, or x.shape[-1] for per-token (group_size None)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension for per-group or per-token "
                          "quantization, got a 0-dim tensor")
@@ -97,7 +99,8 @@ def group_size_of(x: torch.Tensor, group_size: int | None) -> int:
 
 def group_shape(x: torch.Tensor, group_size: int | None) -> torch.Size:
     """Shape of a per-group scale / zero point: x.shape[:-1] + (K // G,)."""
-    return x.shape[:-1] + (x.shape[-1] // group_size_of(x, group_size),)
+    g = group_size_of(x, group_size)
+    return x.shape[:-1] + (x.shape[-1] // g,)
 
 
 def check_group_qparams(x, scale, zero_point, group_size) -> None:

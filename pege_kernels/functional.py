@@ -10,7 +10,8 @@ import warnings
 import torch
 
 from . import ops, reference
-from ._checks import check_int, check_scale_values, ratio_to_threshold, validate
+from ._checks import (check_group_qparams, check_int, check_scale_values, ratio_to_threshold,
+                      validate)
 
 _HOW_TO_BUILD = {
     "cpu": "build the extension with a C++ compiler and torch installed: "
@@ -72,24 +73,39 @@ def _qparam(v, x: torch.Tensor):
 def fake_quantize(x: torch.Tensor, scale, zero_point, quant_min: int, quant_max: int, *,
                   ratio: float = 1.0, seed: int = 0, offset: int = 0, lam: float = 0.0,
                   delta: float = 0.0, grad_factor: float = 1.0, axis: int | None = None,
-                  backend: str = "auto") -> torch.Tensor:
+                  group_size: int | None = None, backend: str = "auto") -> torch.Tensor:
     """PEGE fake quantization: y = m ? Q(x) : x, m the replacement mask.
 
     x: float32/float16/bfloat16, any shape and strides (computed in fp32).
-    scale, zero_point: float32 tensors on x's device, one element (axis=None)
-    or x.shape[axis] elements (per-channel); per-tensor, Python numbers too.
-    zero_point is used as clamp(round(zero_point), quant_min, quant_max).
+    scale, zero_point: float32 tensors on x's device: one element (per
+    tensor; Python numbers too), x.shape[axis] elements (per channel), or
+    shape x.shape[:-1] + (x.shape[-1] // group_size,) (per group of
+    group_size consecutive elements of the last dimension; group_size =
+    x.shape[-1] is per token). zero_point is used as clamp(round(zero_point),
+    quant_min, quant_max).
     ratio: fraction of elements replaced (mask threshold round(ratio * 2^24));
     (seed, offset) select the mask. lam: weight of the discretization error,
     delta: EWGS scaling, grad_factor: LSQ gradient scale of scale/zero_point.
 
     Returns a contiguous tensor of x's shape and dtype. Gradients flow to x,
-    scale and zero_point (whichever require grad). Saved for backward: x,
-    scale and zero_point only; the mask is regenerated from (seed, offset).
+    scale and zero_point (whichever require grad; per group, each group's
+    sums are reduced inside the kernel). Saved for backward: x, scale and
+    zero_point only; the mask is regenerated from (seed, offset).
     Scale values are checked (> 0, finite) when scale is on the CPU; on a GPU
     that check would cost a host sync, so a bad GPU scale gives inf/NaN
     outputs instead of an error.
     """
+    if group_size is not None:
+        if axis is not None:
+            raise ValueError(f"pass axis (per channel) or group_size (per group), not both; "
+                             f"got axis={axis!r}, group_size={group_size!r}")
+        check_group_qparams(x, scale, zero_point, group_size)
+        # Group j of the row-major order is channel j of x viewed as
+        # (groups, group_size): the per-channel op, mask indices unchanged.
+        y = fake_quantize(x.reshape(-1, group_size), scale.reshape(-1), zero_point.reshape(-1),
+                          quant_min, quant_max, ratio=ratio, seed=seed, offset=offset, lam=lam,
+                          delta=delta, grad_factor=grad_factor, axis=0, backend=backend)
+        return y.reshape(x.shape)
     if axis is None:
         scale, zero_point = _qparam(scale, x), _qparam(zero_point, x)
     threshold, axis = validate(x, scale, zero_point, quant_min, quant_max, ratio, seed,

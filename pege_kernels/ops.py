@@ -48,6 +48,13 @@ def has_cuda_kernels() -> bool:
         "pege::fake_quant", "CUDA")
 
 
+def release_cpu_cache() -> int:
+    """Frees the memory of large CPU outputs (y, dx) that the CPU ops keep
+    for reuse once the tensors holding it are gone (PEGE_CPU_CACHE_MB in
+    all, default 1024; 0 keeps none). Returns the bytes freed."""
+    return torch.ops.pege.release_cpu_cache() if HAS_EXTENSION else 0
+
+
 def supports(backend: str, device: torch.device) -> bool:
     """Whether `backend` runs on tensors of `device` in this process."""
     device = torch.device(device)

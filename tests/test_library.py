@@ -1,4 +1,6 @@
 """torch.library integration: opcheck, torch.compile, saved tensors, backends."""
+import os
+
 import pytest
 import torch
 
@@ -112,32 +114,55 @@ def test_fallback_warns_once_without_extension(monkeypatch):
         assert torch.equal(pk.fake_quantize(x, s, z, -8, 7), y)
 
 
-HUGE_PAGE_RUN = """
+OUTPUT_MEMORY_RUN = """
 import hashlib, torch, pege_kernels as pk
-x = torch.randn(3 << 20, generator=torch.Generator().manual_seed(0))
-s, z = torch.tensor([0.05], requires_grad=True), torch.tensor([1.0], requires_grad=True)
-xs = x.clone().requires_grad_(True)
-y = pk.fake_quantize(xs, s, z, -8, 7, ratio=0.5, seed=3, lam=0.1, backend="cpu")
-y.backward(torch.ones_like(y))
 h = hashlib.sha256()
-for t in (y, xs.grad, s.grad, z.grad):
-    h.update(t.detach().numpy().tobytes())
+for step in range(2):  # the second step's outputs reuse the first's blocks
+    x = torch.randn(3 << 20, generator=torch.Generator().manual_seed(step))
+    s, z = torch.tensor([0.05], requires_grad=True), torch.tensor([1.0], requires_grad=True)
+    xs = x.clone().requires_grad_(True)
+    y = pk.fake_quantize(xs, s, z, -8, 7, ratio=0.5, seed=3, lam=0.1, backend="cpu")
+    y.backward(torch.ones_like(y))
+    for t in (y, xs.grad, s.grad, z.grad):
+        h.update(t.detach().numpy().tobytes())
+    del y, xs
 print(h.hexdigest())
 """
 
 
 @needs_ext
-def test_huge_page_advice_changes_no_bits():
-    """The CPU op advises huge pages for its 12 MB outputs unless
-    PEGE_NO_HUGEPAGES=1; outputs and gradients are the same bits either way."""
+def test_output_memory_settings_change_no_bits():
+    """Large CPU outputs get huge-page-advised memory (PEGE_NO_HUGEPAGES=1:
+    no advice) that is reused once freed (PEGE_CPU_CACHE_MB=0: never kept);
+    outputs and gradients are the same bits under every setting."""
     import os
     import subprocess
     import sys
     digests = []
-    for flag in ("0", "1"):
-        env = dict(os.environ, PEGE_NO_HUGEPAGES=flag)
-        out = subprocess.run([sys.executable, "-c", HUGE_PAGE_RUN], env=env, capture_output=True,
-                             text=True, timeout=300)
+    for huge, cache in (("0", "1024"), ("1", "0"), ("0", "0")):
+        env = dict(os.environ, PEGE_NO_HUGEPAGES=huge, PEGE_CPU_CACHE_MB=cache)
+        out = subprocess.run([sys.executable, "-c", OUTPUT_MEMORY_RUN], env=env,
+                             capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         digests.append(out.stdout.strip())
-    assert digests[0] == digests[1]
+    assert len(set(digests)) == 1
+
+
+@needs_ext
+def test_freed_outputs_are_reused_then_released():
+    if os.environ.get("PEGE_CPU_CACHE_MB", "1024") == "0":
+        pytest.skip("PEGE_CPU_CACHE_MB=0 keeps no blocks")
+    pk.release_cpu_cache()
+    x, (s, z) = torch.randn(3 << 20), qparams()
+    y = pk.fake_quantize(x, s, z, -8, 7, backend="cpu")
+    first = y.data_ptr()
+    assert first % (2 << 20) == 0  # 2 MiB-aligned, advised for huge pages
+    del y
+    y = pk.fake_quantize(x + 1, s, z, -8, 7, backend="cpu")
+    assert y.data_ptr() == first
+    assert torch.equal(y, pk.fake_quantize(x + 1, s, z, -8, 7, backend="reference"))
+    del y
+    assert pk.release_cpu_cache() == 12 << 20
+    assert pk.release_cpu_cache() == 0
+    small = pk.fake_quantize(torch.randn(1000), s, z, -8, 7, backend="cpu")
+    assert small.data_ptr() % 64 == 0  # torch's allocator: under 4 MiB nothing is kept

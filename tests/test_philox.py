@@ -61,7 +61,7 @@ def test_masks_bit_identical_across_backends(backend, shape, seed, offset):
     assert torch.equal(pk.replacement_mask(shape, 0.37, seed, offset, backend=backend), ref)
 
 
-PORTABLE_PATH = """
+PHILOX_RUN = """
 import torch, pege_kernels as pk
 for shape, seed, offset in [((4097,), 12345, 678), ((70001,), 2**40 + 7, 2**33 + 1)]:
     for ratio in (0.37, 0.9):
@@ -77,10 +77,12 @@ print("ok")
 
 
 @pytest.mark.skipif("cpu" not in pk.available_backends(), reason="no compiled CPU kernels")
-def test_cpu_portable_philox_path():
-    """The CPU kernels' portable Philox lanes (used where AVX-512 is missing)
-    give the reference's masks; PEGE_NO_AVX512_PHILOX=1 selects them here."""
-    env = dict(os.environ, PEGE_NO_AVX512_PHILOX="1")
-    out = subprocess.run([sys.executable, "-c", PORTABLE_PATH], env=env, capture_output=True,
+@pytest.mark.parametrize("routine", ["portable", "avx2"])
+def test_cpu_philox_routines(routine):
+    """Each of the CPU kernels' Philox routines (AVX-512, AVX2, portable
+    lanes; the best the CPU has runs by default) gives the reference's masks;
+    PEGE_PHILOX caps the choice, so a run here covers the lower ones too."""
+    env = dict(os.environ, PEGE_PHILOX=routine)
+    out = subprocess.run([sys.executable, "-c", PHILOX_RUN], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

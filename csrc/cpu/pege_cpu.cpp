@@ -17,11 +17,7 @@
 
 #include "../pege_math.h"
 #include "../pege_ops.h"
-#include "philox_avx512.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "philox_x86.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 // x86-64-v4 (AVX-512 F/BW/DQ/VL) rather than plain avx512f: without BW, 16-bit
@@ -42,14 +38,19 @@ constexpr int64_t kTile = 1024;        // elements whose words sit in one buffer
 constexpr int64_t kChunk = 64 * 1024;  // elements per parallel work item
 constexpr int kLanes = 16;             // fp32 accumulators per run
 
-#ifdef PEGE_HAVE_AVX512_PHILOX
-// PEGE_NO_AVX512_PHILOX=1 (read at load) takes the portable lane path, so
-// that tests on an AVX-512 machine cover it too.
-const bool kAvx512 = [] {
-  const char* off = std::getenv("PEGE_NO_AVX512_PHILOX");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+#ifdef PEGE_HAVE_X86_PHILOX
+// Which Philox routine runs, picked at load: 2 = AVX-512, 1 = AVX2, 0 = the
+// portable lane code. PEGE_PHILOX=avx2 or =portable caps it, so that tests
+// on any machine cover the other routines too.
+const int kPhiloxIsa = [] {
   __builtin_cpu_init();  // may run before libgcc's own initialisation
-  return __builtin_cpu_supports("avx512f") != 0;
+  const int best =
+      __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+  const char* cap = std::getenv("PEGE_PHILOX");
+  if (cap == nullptr) return best;
+  if (std::strcmp(cap, "portable") == 0) return 0;
+  if (std::strcmp(cap, "avx2") == 0) return std::min(best, 1);
+  return best;
 }();
 #endif
 
@@ -72,11 +73,13 @@ std::vector<Channel> channels_of(const at::Tensor& scale, const at::Tensor& zero
 
 // Words of elements [t0, t0 + n); t0 is a multiple of 4. Ratios 0 and 1 need
 // no random numbers: words that compare false / true against any threshold.
-// Otherwise W groups (4 * W elements) per philox_rounds call; kTile
-// is a multiple of that, so the buffer holds the overshoot.
+// Otherwise blocks of 64 groups (256 elements, a divisor of kTile, so the
+// buffer holds the overshoot): one AVX-512 call, four AVX2 calls, or four
+// portable calls of W = 16 lanes (more spill on AVX2).
 PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParams& p) {
-  constexpr int W = 64;
-  static_assert(kTile % (4 * W) == 0, "fill_words writes whole blocks");
+  constexpr int W = 16;
+  constexpr int64_t kBlock = 64;
+  static_assert(kTile % (4 * kBlock) == 0, "fill_words writes whole blocks");
   if (p.threshold == 0) {
     std::memset(words, 0xFF, n * sizeof(uint32_t));
     return;
@@ -90,13 +93,12 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
   // Tiles start at multiples of kTile, so j0 is a multiple of kTile / 4, a
   // divisor of 2^32: all groups of a tile share j's high word (j0 >> 32).
   static_assert((uint64_t{1} << 32) % (kTile / 4) == 0, "a tile never crosses 2^32 in j");
-#ifdef PEGE_HAVE_AVX512_PHILOX
-  if (kAvx512) {
-    philox_words_avx512(words, j0, (groups + W - 1) / W * W, p.seed, p.offset);
-    return;
-  }
+  const int64_t blocks = (groups + kBlock - 1) / kBlock * kBlock;
+#ifdef PEGE_HAVE_X86_PHILOX
+  if (kPhiloxIsa == 2) return philox_words_avx512(words, j0, blocks, p.seed, p.offset);
+  if (kPhiloxIsa == 1) return philox_words_avx2(words, j0, blocks, p.seed, p.offset);
 #endif
-  for (int64_t g = 0; g < groups; g += W) {
+  for (int64_t g = 0; g < blocks; g += W) {
     Lanes<W> c0, c1, c2, c3;
     for (int l = 0; l < W; ++l) c0.v[l] = static_cast<uint32_t>(j0 + g + l);
     philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(j0 >> 32),
@@ -233,35 +235,11 @@ void for_each_chunk(const QuantParams& p, F&& f) {
   });
 }
 
-// A fresh output pays a page fault per 4 KiB page on its first write; at
-// 64 MB that costs more than the kernel itself. Where transparent huge pages
-// are in "madvise" mode (the usual default), asking for them on the output's
-// 2 MiB-aligned interior before the first write makes that 512 times fewer
-// faults. A hint only: the bytes written are the same. PEGE_NO_HUGEPAGES=1
-// turns it off.
-void advise_huge_pages(const at::Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool off = [] {
-    const char* v = std::getenv("PEGE_NO_HUGEPAGES");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (off || out.nbytes() < 2 * kHuge) return;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + out.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // best effort
-#else
-  (void)out;
-#endif
-}
-
 }  // namespace
 
 void fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
                     const at::Tensor& zero_point, at::Tensor& y, const QuantParams& p) {
   const auto ch = channels_of(scale, zero_point, p);
-  advise_huge_pages(y);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
@@ -280,7 +258,6 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
   const int64_t chunks = (p.numel + chunk_size(p) - 1) / chunk_size(p);
   // chunk x channel partials, summed over chunks in order afterwards.
   std::vector<float> part_s(chunks * p.channels, 0.0f), part_z(chunks * p.channels, 0.0f);
-  advise_huge_pages(dx);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* gp = grad.data_ptr<T>();
