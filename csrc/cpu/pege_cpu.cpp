@@ -151,17 +151,29 @@ PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t en
   }
 }
 
-// kLanes floats, one SIMD register where the target has them.
-typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+// kLanes fp32 accumulators as two halves of 8 (one ymm each, or two xmm): a
+// single 16-float vector type would be lowered through the stack on AVX2.
+typedef float Floats8 __attribute__((vector_size(8 * sizeof(float))));
+static_assert(kLanes == 16, "the accumulators are two Floats8");
+struct Lanes16 {
+  Floats8 lo = {}, hi = {};  // lanes 0..7, 8..15
 
-inline float lane_sum(Floats v) {
+  void add(const float* t) {
+    Floats8 a, b;
+    std::memcpy(&a, t, sizeof a);
+    std::memcpy(&b, t + 8, sizeof b);
+    lo += a;
+    hi += b;
+  }
   // Fixed pairwise order over the kLanes lanes.
-  float t[kLanes / 2];
-  for (int l = 0; l < kLanes / 2; ++l) t[l] = v[l] + v[l + kLanes / 2];
-  for (int w = kLanes / 4; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
-  return t[0];
-}
+  float sum() const {
+    float t[kLanes / 2];
+    for (int l = 0; l < kLanes / 2; ++l) t[l] = lo[l] + hi[l];
+    for (int w = kLanes / 4; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+    return t[0];
+  }
+};
 
 // Backward over one chunk; adds its scale / zero-point sums (before
 // grad_factor) to part_s[c], part_z[c]. kLam is p.lam != 0, kDelta p.delta != 0.
@@ -197,21 +209,18 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
       // Pass 2: lane l sums the terms k = l (mod kLanes) of the run, a fixed
       // order that vectorizes without reassociating float sums. Written with
       // vector types: GCC turns the array form into one scalar chain per lane.
-      Floats ls = {}, lz = {};
+      Lanes16 ls, lz;
       int64_t k = 0;
       for (; k + kLanes <= len; k += kLanes) {
-        Floats a, b;
-        std::memcpy(&a, ts + k, sizeof a);
-        std::memcpy(&b, tz + k, sizeof b);
-        ls += a;
-        lz += b;
+        ls.add(ts + k);
+        lz.add(tz + k);
       }
       for (; k < len; ++k) {
-        ls[0] += ts[k];
-        lz[0] += tz[k];
+        ls.lo[0] += ts[k];
+        lz.lo[0] += tz[k];
       }
-      part_s[c] += lane_sum(ls);
-      part_z[c] += lane_sum(lz);
+      part_s[c] += ls.sum();
+      part_z[c] += lz.sum();
     });
   }
 }
