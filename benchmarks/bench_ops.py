@@ -323,12 +323,13 @@ def append_history(path, rows, header, argv):
     def git(*a):
         return subprocess.run(["git", *a], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
-    try:  # "-dirty": measured with uncommitted changes
-        commit = git("rev-parse", "--short", "HEAD") + (
-            "-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    path = Path(path).resolve()
+    try:  # "-dirty": measured with uncommitted changes (other than to this CSV)
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                      f":(exclude){path}")
+        commit = git("rev-parse", "--short", "HEAD") + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    path = Path(path)
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
