@@ -147,7 +147,8 @@ else
 fi
 
 # --------------------------------------------------- GPU tests (priority)
-modules=$(cd "$src" && grep -l cuda tests/test_*.py | tr '\n' ' ')
+# Modules with CUDA cases (test_group_op's come from conftest's backend_devices).
+modules="$(cd "$src" && grep -l cuda tests/test_*.py | tr '\n' ' ') tests/test_group_op.py"
 if (( ! gpu )); then
   notes+=("no GPU: torch.cuda.is_available() is False here; the GPU tests and benchmarks are skipped")
   echo "${notes[-1]}"
@@ -170,6 +171,12 @@ for case in "float32 per-tensor" "bfloat16 per-tensor" "float32 per-channel" \
     --sizes 16M,64M --dtypes "$1" --modes "$2" --rounds 3 --round-time 0.1 \
     --skip "reference eager,reference compiled" --out "$logs/$name"
 done
+
+if (( gpu && built )); then  # torchao's rows only where torchao is installed
+  step bench-groups 60 1 env PYTHONPATH="$src" "$PY" benchmarks/bench_groups.py --device cuda
+else
+  record bench-groups skipped "no GPU or no build"
+fi
 
 # ------------------- compile checks without a GPU (lowest priority, cut first)
 # The CUDA kernels' SASS of this build, then every Triton specialization with

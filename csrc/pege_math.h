@@ -165,7 +165,7 @@ PEGE_HD bool replaced(uint32_t word, uint32_t threshold) {
 struct Channel {
   float s;     // scale
   float inv;   // 1.0f / s, in fp32 as torch's fake quant does
-  float zi;    // clamp(nearbyint(z), qmin, qmax)
+  float zi;    // clamp(nearbyint(z), qmin, qmax), or z as is
 };
 
 PEGE_HD float round_half_even(float v) {
@@ -176,9 +176,14 @@ PEGE_HD float round_half_even(float v) {
 #endif
 }
 
-PEGE_HD Channel make_channel(float s, float z, float qmin, float qmax) {
-  float zi = round_half_even(z);
-  zi = zi < qmin ? qmin : (zi > qmax ? qmax : zi);
+// A learned zero point is rounded and clamped; a dynamic one (as_is: an
+// integer from the data, possibly outside [qmin, qmax]) is used as it is.
+PEGE_HD Channel make_channel(float s, float z, float qmin, float qmax, bool as_is = false) {
+  float zi = z;
+  if (!as_is) {
+    zi = round_half_even(z);
+    zi = zi < qmin ? qmin : (zi > qmax ? qmax : zi);
+  }
   return Channel{s, 1.0f / s, zi};
 }
 

@@ -22,7 +22,7 @@ QuantParams make_params(const at::Tensor& x, const at::Tensor& scale,
                         const at::Tensor& zero_point, int64_t quant_min,
                         int64_t quant_max, int64_t threshold, int64_t seed,
                         int64_t offset, std::optional<int64_t> axis, double lam,
-                        double delta, double grad_factor) {
+                        double delta, double grad_factor, bool zero_point_as_is) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               "pege: x must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -56,7 +56,9 @@ QuantParams make_params(const at::Tensor& x, const at::Tensor& scale,
     TORCH_CHECK(t->numel() == channels, "pege: ", name, " must have ", channels,
                 " element(s), got ", t->numel());
   }
-  if (scale.is_cpu() && scale.numel() > 0) {
+  // Dynamic qparams (zero_point_as_is) come from the data: a group holding
+  // NaN or inf has such a scale, which the contract defines.
+  if (scale.is_cpu() && scale.numel() > 0 && !zero_point_as_is) {
     const auto s = scale.contiguous();
     const float* sp = s.data_ptr<float>();
     for (int64_t c = 0; c < s.numel(); ++c)
@@ -67,7 +69,8 @@ QuantParams make_params(const at::Tensor& x, const at::Tensor& scale,
                      static_cast<float>(quant_min), static_cast<float>(quant_max),
                      static_cast<uint32_t>(threshold), static_cast<uint64_t>(seed),
                      static_cast<uint64_t>(offset), static_cast<float>(lam),
-                     static_cast<float>(delta), static_cast<float>(grad_factor)};
+                     static_cast<float>(delta), static_cast<float>(grad_factor),
+                     zero_point_as_is};
 }
 
 using FwdLauncher = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -82,9 +85,9 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale,
                       const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                       int64_t threshold, int64_t seed, int64_t offset,
                       std::optional<int64_t> axis, double lam, double delta,
-                      double grad_factor) {
+                      double grad_factor, bool zero_point_as_is) {
   const auto p = make_params(x, scale, zero_point, quant_min, quant_max, threshold, seed,
-                             offset, axis, lam, delta, grad_factor);
+                             offset, axis, lam, delta, grad_factor, zero_point_as_is);
   // The mask is defined on the row-major logical index, so a non-contiguous
   // x is walked as its contiguous copy (one extra pass, only for such views).
   const auto xc = x.contiguous();
@@ -98,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
     int64_t threshold, int64_t seed, int64_t offset, std::optional<int64_t> axis,
-    double lam, double delta, double grad_factor, bool qparam_grad) {
+    double lam, double delta, double grad_factor, bool qparam_grad, bool zero_point_as_is) {
   const auto p = make_params(x, scale, zero_point, quant_min, quant_max, threshold, seed,
-                             offset, axis, lam, delta, grad_factor);
+                             offset, axis, lam, delta, grad_factor, zero_point_as_is);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
               "pege: grad must match x in shape, dtype and device");
@@ -135,11 +138,12 @@ TORCH_LIBRARY(pege, m) {
   m.def(
       "fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
       "int quant_max, int threshold, int seed, int offset, int? axis, float lam, "
-      "float delta, float grad_factor) -> Tensor");
+      "float delta, float grad_factor, bool zero_point_as_is=False) -> Tensor");
   m.def(
       "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
       "int quant_min, int quant_max, int threshold, int seed, int offset, int? axis, "
-      "float lam, float delta, float grad_factor, bool qparam_grad) "
+      "float lam, float delta, float grad_factor, bool qparam_grad, "
+      "bool zero_point_as_is=False) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("replacement_mask(Tensor like, int threshold, int seed, int offset) -> Tensor");
   m.def("release_cpu_cache() -> int", &release_cpu_cache);

@@ -31,6 +31,7 @@ struct QuantParams {
   uint32_t threshold;  // round(ratio * 2^24), in [0, 2^24]
   uint64_t seed, offset;
   float lam, delta, grad_factor;
+  bool zero_point_as_is;  // dynamic qparams: zero points used as they are
 };
 
 // A contiguous tensor shaped like `like` for an op's output: on the CPU, from

@@ -34,6 +34,22 @@ def validate(x, scale, zero_point, quant_min, quant_max, ratio, seed, offset, la
              grad_factor, axis):
     """Checks everything that needs no tensor data; returns (threshold, axis)
     with axis normalized to [0, x.dim()) or None for per-tensor."""
+    threshold = validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta,
+                              grad_factor)
+    channels = 1
+    if axis is not None:
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis {axis!r} is out of range for x of dim {x.dim()}")
+        axis %= x.dim()
+        channels = x.shape[axis]
+    check_qparams(x, scale, zero_point, lambda t: t.numel() == channels,
+                  f"{channels} element(s) "
+                  f"({'per-tensor' if axis is None else f'x.shape[{axis}]'})")
+    return threshold, axis
+
+
+def validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta, grad_factor):
+    """x and the scalar arguments; returns the mask threshold."""
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"x must be a float32, float16 or bfloat16 tensor, got {got}")
@@ -52,16 +68,7 @@ def validate(x, scale, zero_point, quant_min, quant_max, ratio, seed, offset, la
     if isinstance(grad_factor, bool) or not isinstance(grad_factor, (int, float)) \
             or not math.isfinite(grad_factor):
         raise ValueError(f"grad_factor must be a finite number, got {grad_factor!r}")
-    channels = 1
-    if axis is not None:
-        if isinstance(axis, bool) or not isinstance(axis, int) or not -x.dim() <= axis < x.dim():
-            raise ValueError(f"axis {axis!r} is out of range for x of dim {x.dim()}")
-        axis %= x.dim()
-        channels = x.shape[axis]
-    check_qparams(x, scale, zero_point, lambda t: t.numel() == channels,
-                  f"{channels} element(s) "
-                  f"({'per-tensor' if axis is None else f'x.shape[{axis}]'})")
-    return threshold, axis
+    return threshold
 
 
 def check_qparams(x, scale, zero_point, fits, expected: str) -> None:

@@ -1,4 +1,5 @@
-"""Public functional API: fake_quantize, replacement_mask, available_backends.
+"""Public functional API: fake_quantize, fake_quantize_dynamic, replacement_mask,
+available_backends.
 
 Arguments are checked here once, for every backend, before anything runs;
 the op layer (ops.py) then dispatches to the backend's torch op.
@@ -10,8 +11,8 @@ import warnings
 import torch
 
 from . import ops, reference
-from ._checks import (check_group_qparams, check_int, check_scale_values, ratio_to_threshold,
-                      validate)
+from ._checks import (check_group_qparams, check_int, check_scale_values, group_size_of,
+                      ratio_to_threshold, validate, validate_args)
 
 _HOW_TO_BUILD = {
     "cpu": "build the extension with a C++ compiler and torch installed: "
@@ -117,6 +118,40 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, quant_min: int, quant_max:
     if name == "reference":
         return reference.FakeQuantize.apply(*args)
     return ops.namespace(name).fake_quant(*args)
+
+
+def fake_quantize_dynamic(x: torch.Tensor, quant_min: int, quant_max: int, *,
+                          group_size: int | None = None, symmetric: bool = False, eps=None,
+                          ratio: float = 1.0, seed: int = 0, offset: int = 0,
+                          lam: float = 0.0, delta: float = 0.0,
+                          backend: str = "auto") -> torch.Tensor:
+    """PEGE fake quantization with qparams derived from the data: a scale and
+    zero point per group of group_size consecutive elements of the last
+    dimension, or per token (group_size=None: the whole last dimension), by
+    torchao 0.18's formulas (docs/method.md, "Per-group and per-token";
+    symmetric, eps as there). The qparams are constants for the backward:
+    gradients flow to x only. ratio, seed, offset, lam and delta as in
+    fake_quantize.
+
+    The qparams come from a reduction in plain torch ops (reference.
+    group_qparams); quantize, mask and blend then run in the backend's fused
+    kernel, forward and backward.
+    """
+    threshold = validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta, 1.0)
+    g = group_size_of(x, group_size)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.FakeQuantizeDynamic.apply(x, quant_min, quant_max, threshold, seed,
+                                                   offset, group_size, symmetric, eps,
+                                                   float(lam), float(delta))
+    scale, zero_point = reference.group_qparams(x, quant_min, quant_max, group_size,
+                                                symmetric, eps)
+    # Group j of the row-major order is channel j of x viewed as (groups, g).
+    y = ops.namespace(name).fake_quant(x.reshape(-1, g), scale.reshape(-1),
+                                       zero_point.reshape(-1), quant_min, quant_max,
+                                       threshold, seed, offset, 0, float(lam), float(delta),
+                                       1.0, True)
+    return y.reshape(x.shape)
 
 
 def replacement_mask(shape, ratio: float, seed: int, offset: int = 0, device=None, *,

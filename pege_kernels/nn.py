@@ -61,6 +61,10 @@ class Quantizer(nn.Module):
     bits, signed: the integer range (signed: [-2^(b-1), 2^(b-1)-1]).
     axis, channels: per-channel along `axis` with `channels` scales, or
         per-tensor (axis=None).
+    group_size, channels: per group of group_size consecutive elements of the
+        last dimension, with scales of shape `channels` = x.shape[:-1] +
+        (x.shape[-1] // group_size,) (e.g. (out, in // 32) for a Linear
+        weight); exclusive with axis.
     preset: a key of PRESETS: "lsq" (learnable scale, initialised to
         2*mean|x|/sqrt(qmax) on the first batch, gradient scale
         1/sqrt(numel_per_channel*qmax)); "pact" (activations: learnable
@@ -72,7 +76,8 @@ class Quantizer(nn.Module):
     """
 
     def __init__(self, bits: int, *, signed: bool = True, axis: int | None = None,
-                 channels: int = 1, preset: str = "lsq", estimator: str = "pege",
+                 channels: int | tuple = 1, group_size: int | None = None,
+                 preset: str = "lsq", estimator: str = "pege",
                  lam: float = 0.0, delta: float = 0.0, seed: int = 0, role: str = "weight",
                  momentum: float = 0.1, backend: str = "auto"):
         super().__init__()
@@ -87,11 +92,22 @@ class Quantizer(nn.Module):
         for name, v in (("lam", lam), ("delta", delta)):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if group_size is not None:
+            if axis is not None:
+                raise ValueError(f"pass axis (per channel) or group_size (per group), not both; "
+                                 f"got axis={axis!r}, group_size={group_size!r}")
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+                raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+            shape = tuple(channels) if isinstance(channels, (tuple, list, torch.Size)) \
+                else (channels,)
+        else:
+            shape = (channels if axis is not None else 1,)
         self.spec = PRESETS[preset]
         signed = signed and not self.spec.unsigned
         if bits == 1 and signed:
             raise ValueError("a signed 1-bit range is empty of steps; use signed=False")
         self.bits, self.signed, self.axis, self.preset = bits, signed, axis, preset
+        self.group_size = group_size
         self.estimator, self.lam, self.delta, self.seed, self.role = (
             estimator, float(lam), float(delta), int(seed), role)
         self.momentum, self.backend = momentum, backend
@@ -99,16 +115,15 @@ class Quantizer(nn.Module):
         self.quant_max = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
         self.ratio = 1.0  # set by Curriculum for "pege"
         self.step = 0     # activation mask offset, set by Curriculum
-        n = channels if axis is not None else 1
         if self.spec.init_scale is None:
-            self.register_buffer("scale", torch.full((n,), 1.0 / self.quant_max))
+            self.register_buffer("scale", torch.full(shape, 1.0 / self.quant_max))
         else:
-            init = torch.full((n,), float(self.spec.init_scale(self.quant_max)))
+            init = torch.full(shape, float(self.spec.init_scale(self.quant_max)))
             if self.spec.learnable:
                 self.scale = nn.Parameter(init)
             else:
                 self.register_buffer("scale", init)
-        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(self.spec.observe is None))
         self._initialized = bool(self.initialized)
         self._register_load_state_dict_pre_hook(self._sync_initialized)
@@ -118,11 +133,17 @@ class Quantizer(nn.Module):
             self._initialized = bool(state_dict[prefix + "initialized"])
 
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, signed={self.signed}, axis={self.axis}, "
+        where = f"group_size={self.group_size}" if self.group_size else f"axis={self.axis}"
+        return (f"bits={self.bits}, signed={self.signed}, {where}, "
                 f"preset={self.preset}, estimator={self.estimator}, role={self.role}")
 
-    def _reduce_dims(self, x):
-        return [d for d in range(x.dim()) if self.axis is None or d != self.axis % x.dim()]
+    def _statistic(self, a, mean: bool):
+        """mean or max of |x| (a) per scale: per group, channel or tensor."""
+        if self.group_size is not None:
+            a = a.reshape(*a.shape[:-1], a.shape[-1] // self.group_size, self.group_size)
+            return a.mean(-1) if mean else a.amax(-1)
+        dims = [d for d in range(a.dim()) if self.axis is None or d != self.axis % a.dim()]
+        return a.mean(dims) if mean else a.amax(dims)
 
     @torch.no_grad()
     def _observe(self, x):
@@ -130,9 +151,7 @@ class Quantizer(nn.Module):
         torch.distributed the statistic is reduced over ranks, so every
         replica starts from the same scale (the whole global batch's)."""
         mean = self.spec.observe == "mean"
-        a = x.detach().float().abs()
-        dims = self._reduce_dims(x)
-        stat = a.mean(dims) if mean else a.amax(dims)
+        stat = self._statistic(x.detach().float().abs(), mean).reshape(self.scale.shape)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if mean:
                 torch.distributed.all_reduce(stat)
@@ -182,24 +201,31 @@ class Quantizer(nn.Module):
                           offset=self.step if self.role == "activation" else 0,
                           lam=lam, delta=delta, grad_factor=self._grad_factor(x),
                           axis=None if self.axis is None else self.axis % x.dim(),
-                          backend=self.backend)
+                          group_size=self.group_size, backend=self.backend)
         return 2 * y - 1 if self.spec.tanh else y
 
 
 class IntWeight(nn.Module):
     """A converted weight: integer codes (int8 up to 8 signed bits, else
-    int16), per-output-channel scale and integer zero point. forward returns
+    int16), a scale and integer zero point per output channel (group_size
+    None) or per group of group_size consecutive inputs. forward returns
     (codes - zero_int) * scale, the fake-quantized weight, bit for bit."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_int: torch.Tensor):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_int: torch.Tensor,
+                 group_size: int | None = None):
         super().__init__()
+        self.group_size = group_size
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_int", zero_int)
 
     def forward(self, _weight=None):
-        shape = [-1] + [1] * (self.codes.dim() - 1)
-        return (self.codes.float() - self.zero_int.reshape(shape)) * self.scale.reshape(shape)
+        if self.group_size is None:  # one scale per row of codes viewed as (out, -1)
+            c = self.codes.float().reshape(self.codes.shape[0], -1)
+        else:
+            c = self.codes.float().reshape(-1, self.group_size)
+        w = (c - self.zero_int.reshape(-1, 1)) * self.scale.reshape(-1, 1)
+        return w.reshape(self.codes.shape)
 
 
 class _QuantLayer:

@@ -7,9 +7,13 @@ Every fused backend registers the same three ops under its own namespace
 pege_triton:: from triton_fq.py):
 
     fake_quant(x, scale, zero_point, quant_min, quant_max, threshold, seed,
-               offset, axis, lam, delta, grad_factor) -> y
-    fake_quant_backward(grad, <the same arguments>, qparam_grad)
+               offset, axis, lam, delta, grad_factor, zero_point_as_is=False) -> y
+    fake_quant_backward(grad, <the same arguments up to grad_factor>,
+                        qparam_grad, zero_point_as_is=False)
         -> (dx, dscale, dzero_point)
+
+zero_point_as_is: the zero points are integers derived from the data
+(fake_quantize_dynamic), used without rounding or clamping.
     replacement_mask(like, threshold, seed, offset) -> bool mask of like's shape
 
 Saved for backward: x, scale and zero_point (no mask, no copy); the backward
@@ -74,14 +78,15 @@ def namespace(backend: str):
 
 # ------------------------------------------------- fakes, shared by namespaces
 def _fake_quant_fake(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset,
-                     axis, lam, delta, grad_factor):
+                     axis, lam, delta, grad_factor, zero_point_as_is=False):
     check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
                   lam, delta)
     return x.new_empty(x.shape)
 
 
 def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, threshold,
-                              seed, offset, axis, lam, delta, grad_factor, qparam_grad):
+                              seed, offset, axis, lam, delta, grad_factor, qparam_grad,
+                              zero_point_as_is=False):
     check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
                   lam, delta, grad)
     return x.new_empty(x.shape), scale.new_empty(scale.shape), \
@@ -93,12 +98,6 @@ def _replacement_mask_fake(like, threshold, seed, offset):
     return like.new_empty(like.shape, dtype=torch.bool)
 
 
-def _setup_context(ctx, inputs, output):
-    x, scale, zero_point, *args = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.args = args
-
-
 def _register(ns: str) -> None:
     """Fakes and autograd of the ops in namespace `ns`."""
     ops = getattr(torch.ops, ns)
@@ -106,17 +105,28 @@ def _register(ns: str) -> None:
     torch.library.register_fake(f"{ns}::fake_quant_backward")(_fake_quant_backward_fake)
     torch.library.register_fake(f"{ns}::replacement_mask")(_replacement_mask_fake)
     backward_op = ops.fake_quant_backward
-    # One gradient slot per input; only x, scale and zero_point get one.
-    n_args = len(ops.fake_quant.default._schema.arguments)
+    schema = ops.fake_quant.default._schema.arguments
+    # fake_quant's arguments after zero_point, defaults filled in: the
+    # backward takes the same, qparam_grad inserted before the defaulted tail.
+    defaults = [a.default_value for a in schema[3:]]
+    n_required = sum(not a.has_default_value() for a in schema[3:])
+
+    def setup_context(ctx, inputs, output):
+        x, scale, zero_point, *args = inputs
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.args = list(args) + defaults[len(args):]
 
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, ds, dz = backward_op(grad, x, scale, zero_point, *ctx.args, need[1] or need[2])
+        args = ctx.args
+        dx, ds, dz = backward_op(grad, x, scale, zero_point, *args[:n_required],
+                                 need[1] or need[2], *args[n_required:])
+        # One gradient slot per input; only x, scale and zero_point get one.
         return (dx if need[0] else None, ds if need[1] else None, dz if need[2] else None,
-                *([None] * (n_args - 3)))
+                *([None] * (len(need) - 3)))
 
-    torch.library.register_autograd(f"{ns}::fake_quant", backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::fake_quant", backward, setup_context=setup_context)
 
 
 if HAS_EXTENSION:

@@ -22,14 +22,17 @@ def quantizer_seed(seed: int, index: int) -> int:
 def prepare_qat(model: nn.Module, *, weight_bits: int, act_bits: int,
                 estimator: str = "pege", seed: int = 0, skip="first_last", lam: float = 0.0,
                 delta: float = 0.0, weight_preset: str = "lsq", act_preset: str = "lsq",
-                act_signed: bool = False, backend: str = "auto") -> nn.Module:
+                act_signed: bool = False, weight_group_size: int | None = None,
+                backend: str = "auto") -> nn.Module:
     """Swaps the model's Conv2d and Linear layers (in definition order) for
     QuantConv2d / QuantLinear, keeping their weights; returns the model.
 
     skip: "first_last" (default: first and last layer stay full precision, as
     usual in the literature), or a collection of layer names or indices to
-    keep. Weights are quantized per output channel, inputs per tensor
-    (act_signed=False suits inputs that follow a ReLU).
+    keep. Weights are quantized per output channel, or, with
+    weight_group_size=G, Linear weights per group of G inputs (a scale and
+    zero point per (output, group); Conv2d weights stay per channel); inputs
+    per tensor (act_signed=False suits inputs that follow a ReLU).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -42,8 +45,16 @@ def prepare_qat(model: nn.Module, *, weight_bits: int, act_bits: int,
     for i, (name, m) in enumerate(layers):
         if i in keep:
             continue
-        wq = Quantizer(weight_bits, signed=True, axis=0, channels=m.out_channels if
-                       isinstance(m, nn.Conv2d) else m.out_features, preset=weight_preset,
+        if weight_group_size is not None and isinstance(m, nn.Linear):
+            if m.in_features % weight_group_size:
+                raise ValueError(f"weight_group_size {weight_group_size} does not divide "
+                                 f"{name}.in_features = {m.in_features}")
+            where = dict(group_size=weight_group_size,
+                         channels=(m.out_features, m.in_features // weight_group_size))
+        else:
+            where = dict(axis=0, channels=m.out_channels if isinstance(m, nn.Conv2d)
+                         else m.out_features)
+        wq = Quantizer(weight_bits, signed=True, **where, preset=weight_preset,
                        estimator=estimator, lam=lam, delta=delta,
                        seed=quantizer_seed(seed, 2 * i), role="weight", backend=backend)
         aq = Quantizer(act_bits, signed=act_signed, preset=act_preset, estimator=estimator,
@@ -136,7 +147,8 @@ class Curriculum:
 @torch.no_grad()
 def convert(model: nn.Module) -> nn.Module:
     """Inference model: each quantized layer's weight is replaced by integer
-    codes + scale (affine presets: lsq, minmax); activations keep their
+    codes + scales per channel or per group (affine presets: lsq, minmax),
+    activations keep their
     quantizers at ratio 1. Outputs equal the eval-mode fake-quant model's."""
     for m in model.modules():
         if not isinstance(m, (QuantLinear, QuantConv2d)):
@@ -146,10 +158,16 @@ def convert(model: nn.Module) -> nn.Module:
             raise ValueError(f"convert supports lsq and minmax weight quantizers, "
                              f"not {wq.preset!r}")
         s = wq.scale.detach().float()
-        codes, zi = reference.codes(m.weight.detach(), s, wq.zero_point, wq.quant_min,
-                                    wq.quant_max, axis=0)
+        w = m.weight.detach()
+        # Per group: group j of the row-major order is channel j of (groups, G).
+        g = wq.group_size
+        codes, zi = reference.codes(w if g is None else w.reshape(-1, g),
+                                    s if g is None else s.reshape(-1), wq.zero_point
+                                    if g is None else wq.zero_point.reshape(-1),
+                                    wq.quant_min, wq.quant_max, axis=0)
         dtype = torch.int8 if wq.bits <= 8 and wq.signed else torch.int16
-        m.weight_quant = IntWeight(codes.to(dtype), s.clone(), zi)
+        m.weight_quant = IntWeight(codes.reshape(w.shape).to(dtype), s.clone(),
+                                   zi.reshape(s.shape), g)
         del m.weight
         m.register_parameter("weight", None)  # the codes are the weight now
     return model.eval()

@@ -206,6 +206,12 @@ def _qat_task(task):
     return qat_run(fp, seed, jobs[j], fit, val, test, phase)
 
 
+def _in_worker(task):
+    """What a worker runs: ("fp", seed) or ("qat", (fp, seed, job index))."""
+    kind, arg = task
+    return (_fp_task if kind == "fp" else _qat_task)(arg)
+
+
 def run_jobs(jobs, fit, val, test, seeds, args, phase):
     """Per seed, one FP model pre-trained on `fit`, then every job (bits,
     estimator, config index, cfg) from it; runs in seed order. With
@@ -213,21 +219,31 @@ def run_jobs(jobs, fit, val, test, seeds, args, phase):
     worker processes (forked: they share the data); a run depends only on its
     seed and job, not on the process that ran it."""
     global _SHARED
+
+    def tasks_of(fps):
+        return [(fp, seed, j) for (fp, _), seed in zip(fps, seeds) for j in range(len(jobs))]
+
     workers = min(args.jobs, len(seeds) * max(len(jobs), 1))
     _SHARED = (jobs, fit, val, test, args, phase)
     try:
-        if workers <= 1:
-            fps = [_fp_task(seed) for seed in seeds]
-            tasks = [(fp, seed, j) for (fp, _), seed in zip(fps, seeds) for j in range(len(jobs))]
-            qat = [_qat_task(t) for t in tasks]
-        else:
+        fps = qat = None
+        if workers > 1:
             import multiprocessing
             ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(workers, _worker_init, (args.threads,)) as pool:
-                fps = pool.map(_fp_task, seeds, chunksize=1)
-                tasks = [(fp, seed, j) for (fp, _), seed in zip(fps, seeds)
-                         for j in range(len(jobs))]
-                qat = pool.map(_qat_task, tasks, chunksize=1)
+            try:
+                with ctx.Pool(workers, _worker_init, (args.threads,)) as pool:
+                    fps = pool.map(_in_worker, [("fp", seed) for seed in seeds], chunksize=1)
+                    qat = pool.map(_in_worker, [("qat", t) for t in tasks_of(fps)],
+                                   chunksize=1)
+            except RuntimeError as err:  # a process that has run autograd cannot fork
+                if "fork" not in str(err):
+                    raise
+                print(f"pege-train: no worker processes ({err}); one run at a time",
+                      file=sys.stderr)
+                fps = qat = None
+        if qat is None:
+            fps = [_fp_task(seed) for seed in seeds]
+            qat = [_qat_task(t) for t in tasks_of(fps)]
     finally:
         _SHARED = None
     runs = []

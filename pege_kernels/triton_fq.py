@@ -85,12 +85,17 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _channel_params(s, z, qmin, qmax):
-    """inv = 1 / s and the clamped integer zero point, once per channel."""
+def _channel_params(s, z, qmin, qmax, AS_IS: tl.constexpr):
+    """inv = 1 / s and the integer zero point, once per channel: a learned z
+    rounded and clamped, a dynamic one (AS_IS) as it is."""
     # IEEE division: `1.0 / s` compiles to div.full.f32 (2 ulp) on CUDA.
     inv = tl.math.div_rn(1.0, s)
-    zi = _round_half_even(z)
-    return inv, tl.where(zi < qmin, qmin, tl.where(zi > qmax, qmax, zi))
+    if AS_IS:
+        zi = z
+    else:
+        zi = _round_half_even(z)
+        zi = tl.where(zi < qmin, qmin, tl.where(zi > qmax, qmax, zi))
+    return inv, zi
 
 
 @triton.jit
@@ -174,14 +179,15 @@ def _flat(f0, row0, col0, t, c, inner, channels, PER_CHANNEL: tl.constexpr,
 @triton.jit
 def _load_and_quantize(ptr, s_ptr, z_ptr, c, pid_f, per_channel, inner, channels, qmin, qmax,
                        threshold, seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL: tl.constexpr,
-                       GROUPED: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                       GROUPED: tl.constexpr, WIDE: tl.constexpr, AS_IS: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """One program's block of channel c: indices, x (fp32), Q(x) and the mask."""
     # Divide first, while few registers are live: div.rn's slow path is a
     # subroutine call that must save them (to the stack, at times).
     f0 = pid_f.to(tl.int64) * BLOCK
     row0, col0 = _row_start(f0, inner, WIDE)
     s = tl.load(s_ptr + c)
-    inv, zi = _channel_params(s, tl.load(z_ptr + c), qmin, qmax)
+    inv, zi = _channel_params(s, tl.load(z_ptr + c), qmin, qmax, AS_IS)
     t = tl.arange(0, BLOCK)
     i = _flat(f0, row0, col0, t, c, inner, channels, PER_CHANNEL, BLOCK)
     valid = f0 + t < per_channel
@@ -204,12 +210,13 @@ _SEED_ARGS = ["seed_lo", "seed_hi", "off_lo", "off_hi"]
 @triton.jit(do_not_specialize=_SEED_ARGS)
 def _fwd_kernel(x_ptr, y_ptr, s_ptr, z_ptr, per_channel, inner, channels, qmin, qmax,
                 threshold, seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL: tl.constexpr,
-                GROUPED: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                GROUPED: tl.constexpr, WIDE: tl.constexpr, AS_IS: tl.constexpr,
+                BLOCK: tl.constexpr):
     pid_f = tl.program_id(0)
     for c in range(tl.program_id(1), channels, tl.num_programs(1)):
         i, valid, x, s, q, below, above, inv, zi, m = _load_and_quantize(
             x_ptr, s_ptr, z_ptr, c, pid_f, per_channel, inner, channels, qmin, qmax, threshold,
-            seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL, GROUPED, WIDE, BLOCK)
+            seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL, GROUPED, WIDE, AS_IS, BLOCK)
         tl.store(y_ptr + i, _cast_out(tl.where(m, q, x), y_ptr), mask=valid)
 
 
@@ -217,7 +224,7 @@ def _fwd_kernel(x_ptr, y_ptr, s_ptr, z_ptr, per_channel, inner, channels, qmin, 
 def _bwd_kernel(g_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, part_ptr, n_seg, n_part, per_channel,
                 inner, channels, qmin, qmax, threshold, seed_lo, seed_hi, off_lo, off_hi, lam,
                 delta, PER_CHANNEL: tl.constexpr, GROUPED: tl.constexpr, WIDE: tl.constexpr,
-                BLOCK: tl.constexpr):
+                AS_IS: tl.constexpr, BLOCK: tl.constexpr):
     tl.static_assert(BLOCK // _SEG * _SEG == BLOCK)
     pid_f = tl.program_id(0)
     # This program's segments; slots < numel / _SEG + channels: int32 in practice.
@@ -225,7 +232,7 @@ def _bwd_kernel(g_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, part_ptr, n_seg, n_part, per
     for c in range(tl.program_id(1), channels, tl.num_programs(1)):
         i, valid, x, s, q, below, above, inv, zi, m = _load_and_quantize(
             x_ptr, s_ptr, z_ptr, c, pid_f, per_channel, inner, channels, qmin, qmax, threshold,
-            seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL, GROUPED, WIDE, BLOCK)
+            seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL, GROUPED, WIDE, AS_IS, BLOCK)
         g = tl.load(g_ptr + i, mask=valid, other=0.0).to(tl.float32)
         e = x - q
         in_range = (below | above) == 0
@@ -299,17 +306,17 @@ def _layout(x, axis):
     return x.numel() // max(channels, 1), max(inner, 1), channels
 
 
-def _flags(axis, per_channel, inner):
+def _flags(axis, per_channel, inner, as_is):
     # Per-tensor, an aligned run of four elements is four consecutive indices.
     return dict(PER_CHANNEL=axis is not None, GROUPED=axis is None or inner % 4 == 0,
-                WIDE=axis is not None and per_channel >= 2**31)
+                WIDE=axis is not None and per_channel >= 2**31, AS_IS=bool(as_is))
 
 
 def _split(v: int):
     return v & 0xFFFFFFFF, v >> 32
 
 
-def _fwd(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis):
+def _fwd(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis, as_is=False):
     # Strided qparams (a slice of a wider tensor) are read by channel index.
     x, scale, zero_point = x.contiguous(), scale.contiguous(), zero_point.contiguous()
     y = torch.empty_like(x)
@@ -318,12 +325,12 @@ def _fwd(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis):
         _launch(_fwd_kernel, _CONFIGS, per_channel, channels,
                 (x, y, scale, zero_point, per_channel, inner, channels, float(qmin),
                  float(qmax), threshold, *_split(seed), *_split(offset)),
-                **_flags(axis, per_channel, inner))
+                **_flags(axis, per_channel, inner, as_is))
     return y
 
 
 def _bwd(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis, lam, delta,
-         grad_factor):
+         grad_factor, as_is=False):
     grad, x = grad.contiguous(), x.contiguous()
     s, z = scale.contiguous(), zero_point.contiguous()
     dx = torch.empty_like(x)
@@ -335,7 +342,7 @@ def _bwd(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis, 
     _launch(_bwd_kernel, _CONFIGS, per_channel, channels,
             (grad, x, dx, s, z, part, n_seg, channels * n_seg, per_channel, inner, channels,
              float(qmin), float(qmax), threshold, *_split(seed), *_split(offset), float(lam),
-             float(delta)), **_flags(axis, per_channel, inner))
+             float(delta)), **_flags(axis, per_channel, inner, as_is))
     # The fixed-order second pass: a torch sum over a [channels, segments] view.
     ds, dz = part.sum(dim=2)
     return dx, (grad_factor * ds).reshape(scale.shape), (grad_factor * dz).reshape(zero_point.shape)
@@ -355,24 +362,26 @@ def _mask(out, threshold, seed, offset):
 @torch.library.custom_op("pege_triton::fake_quant", mutates_args=())
 def _fake_quant_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    quant_min: int, quant_max: int, threshold: int, seed: int, offset: int,
-                   axis: int | None, lam: float, delta: float,
-                   grad_factor: float) -> torch.Tensor:
+                   axis: int | None, lam: float, delta: float, grad_factor: float,
+                   zero_point_as_is: bool = False) -> torch.Tensor:
     check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
                   lam, delta)
-    return _fwd(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis)
+    return _fwd(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
+                zero_point_as_is)
 
 
 @torch.library.custom_op("pege_triton::fake_quant_backward", mutates_args=())
 def _fake_quant_backward_op(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                             zero_point: torch.Tensor, quant_min: int, quant_max: int,
                             threshold: int, seed: int, offset: int, axis: int | None,
-                            lam: float, delta: float, grad_factor: float, qparam_grad: bool
+                            lam: float, delta: float, grad_factor: float, qparam_grad: bool,
+                            zero_point_as_is: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
                   lam, delta, grad)
     # The partial sums cost little next to dx, so they are always reduced.
     return _bwd(grad, x, scale, zero_point, quant_min, quant_max, threshold, seed, offset,
-                axis, lam, delta, grad_factor)
+                axis, lam, delta, grad_factor, zero_point_as_is)
 
 
 @torch.library.custom_op("pege_triton::replacement_mask", mutates_args=())

@@ -92,3 +92,71 @@ def test_bad_group_input_names_the_argument(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         pk.fake_quantize(args.pop("x"), args.pop("scale"), args.pop("zero_point"), -8, 7,
                          **args)
+
+
+# ---- dynamic (data-derived) qparams: fake_quantize_dynamic
+from test_group_reference import CONFIGS, _activation, _torchao_quantizer, assert_same_bits  # noqa: E402,E501
+
+
+def dynamic_shapes(group_size):
+    return [(12, 128)] if group_size is not None else [(12, 96), (2, 6, 64)]
+
+
+def run_dynamic(backend, x, cfg, grad, **kw):
+    _, qmin, qmax, group_size, symmetric = cfg
+    x = x.detach().requires_grad_(True)
+    y = pk.fake_quantize_dynamic(x, qmin, qmax, group_size=group_size, symmetric=symmetric,
+                                 backend=backend, **kw)
+    y.backward(grad.to(device=y.device, dtype=y.dtype))
+    return y.detach().cpu(), x.grad.cpu()
+
+
+@backend_devices()
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("settings", [STE, PEGE, EWGS], ids=["ste", "pege", "ewgs"])
+def test_dynamic_matches_the_reference_on_every_backend(backend, device, cfg, dtype, settings):
+    """Edge-case groups included (NaN, inf, all-equal, subnormal, zero points
+    far outside [quant_min, quant_max]): y bit for bit, dx within TOL."""
+    for shape in dynamic_shapes(cfg[3]):
+        x = _activation(shape, dtype, seed=sum(shape))
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+        want = run_dynamic("reference", x, cfg, grad, **settings)
+        got = run_dynamic(backend, x.to(device), cfg, grad, **settings)
+        if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+            # Triton's interpreter (numpy) flushes bf16 subnormals to zero on
+            # the way out; compiled Triton keeps them. Those elements aside:
+            tiny = (x.float().abs() < torch.finfo(torch.bfloat16).smallest_normal) & (x != 0)
+            got, want = (torch.where(tiny, 0, got[0]), got[1]), \
+                (torch.where(tiny, 0, want[0]), want[1])
+        assert_same_bits(got[0], want[0])
+        (atol, rtol), _ = TOL[dtype]
+        torch.testing.assert_close(got[1], want[1], atol=atol, rtol=rtol, equal_nan=True)
+
+
+@backend_devices()
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dynamic_forward_equals_torchao_at_ratio_1(backend, device, cfg, dtype):
+    ao = _torchao_quantizer(cfg[0])
+    for shape in dynamic_shapes(cfg[3]):
+        x = _activation(shape, dtype, seed=sum(shape) + 1)
+        y = run_dynamic(backend, x.to(device), cfg, torch.ones(shape))[0]
+        assert_same_bits(y, ao(x))
+
+
+def test_dynamic_compiles_and_checks_its_arguments():
+    x = torch.randn(4, 64)
+    f = torch.compile(lambda x: pk.fake_quantize_dynamic(x, -8, 7, group_size=32, **PEGE),
+                      fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x), pk.fake_quantize_dynamic(x, -8, 7, group_size=32, **PEGE))
+    with pytest.raises(ValueError, match="does not divide"):
+        pk.fake_quantize_dynamic(x, -8, 7, group_size=48)
+    with pytest.raises(ValueError, match="0-dim"):
+        pk.fake_quantize_dynamic(torch.tensor(1.0), -8, 7)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        pk.fake_quantize_dynamic(x, -8, 7, eps=0.0)
+    with pytest.raises(ValueError, match="quant_min"):
+        pk.fake_quantize_dynamic(x, 7, 7)
+    with pytest.raises(TypeError, match="x must be"):
+        pk.fake_quantize_dynamic(x.double(), -8, 7)

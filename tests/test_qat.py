@@ -169,6 +169,53 @@ def test_convert_is_exact_and_holds_int_codes():
                    for n, p in conv.named_parameters() if "weight" in n)
 
 
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
+                         nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_per_group_weights_train_and_convert_exactly():
+    """weight_group_size: Linear weights get a learned (scale, zero point) per
+    (output, group of G inputs); LSQ's init and gradient scale are per group;
+    convert keeps int codes + per-group scales with the eval outputs' bits."""
+    x, y = digits(128)
+    model = pk.prepare_qat(mlp(), weight_bits=4, act_bits=4, weight_group_size=16, skip=())
+    wq = model[1].weight_quant
+    assert wq.scale.shape == (64, 4) and wq.zero_point.shape == (64, 4)
+    assert "group_size=16" in repr(wq)
+    model(x)  # LSQ init: 2 mean|w| / sqrt(qmax) per group
+    w = model[1].weight.detach().reshape(64, 4, 16)
+    torch.testing.assert_close(wq.scale.detach(), 2 * w.abs().mean(-1) / math.sqrt(7))
+    cur = pk.Curriculum(model, 6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(6):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        # ratio 0 at step 0 (nothing replaced, no scale gradient), then > 0
+        assert wq.scale.grad.shape == (64, 4)
+        assert bool(wq.scale.grad.abs().sum() > 0) == (step > 0)
+        opt.step()
+        cur.step()
+    model.eval()
+    expected = model(x)
+    conv = pk.convert(model)
+    assert torch.equal(conv(x), expected)
+    iw = conv[1].weight_quant
+    assert iw.codes.dtype == torch.int8 and iw.codes.shape == (64, 64)
+    assert iw.scale.shape == (64, 4) and iw.group_size == 16
+    assert int(iw.codes.min()) >= -8 and int(iw.codes.max()) <= 7
+
+
+def test_per_group_arguments_are_checked():
+    with pytest.raises(ValueError, match="does not divide 1.in_features = 64"):
+        pk.prepare_qat(mlp(), weight_bits=4, act_bits=4, weight_group_size=48, skip=())
+    with pytest.raises(ValueError, match="not both"):
+        pk.nn.Quantizer(4, axis=0, channels=8, group_size=4)
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+        pk.nn.Quantizer(4, channels=(8, 2), group_size=0)
+
+
 def test_compile_quantized_model():
     x, _ = digits(32)
     model = pk.prepare_qat(small_cnn(), weight_bits=2, act_bits=2, estimator="pege")

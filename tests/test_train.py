@@ -147,13 +147,43 @@ def test_cli_smoke_on_mnist1d(tmp_path, capsys):
 
 
 def test_seeds_in_worker_processes_give_the_same_runs(tmp_path):
+    """--jobs 2 forks workers: run as the CLI runs, from a fresh process (a
+    process that has run autograd's threads cannot fork them)."""
+    import os
+    import subprocess
+    import sys
     args = TINY[:-2] + ["--seeds", "0,1", "--estimators", "ste,pege"]
-    train.main(args + ["--jobs", "1", "--out", str(tmp_path / "one")])
-    train.main(args + ["--jobs", "2", "--out", str(tmp_path / "two")])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for jobs, out in (("1", "one"), ("2", "two")):
+        proc = subprocess.run([sys.executable, "-m", "pege_kernels.train", *args, "--jobs", jobs,
+                               "--out", str(tmp_path / out)], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "no worker processes" not in proc.stderr
     one, two = (json.loads((tmp_path / d / "runs.json").read_text())["runs"]
                 for d in ("one", "two"))
     assert [(r["seed"], r["estimator"]) for r in one] == [(r["seed"], r["estimator"]) for r in two]
     assert [(r["acc"], r["curves"]) for r in one] == [(r["acc"], r["curves"]) for r in two]
+
+
+def test_workers_fall_back_to_one_process_after_autograd(tmp_path, capsys, monkeypatch):
+    """Where forked workers cannot run autograd (torch raises in the child
+    once the parent has started autograd's device threads), the runs go one
+    at a time, with a line saying so."""
+    import os
+    parent, fp_task = os.getpid(), train._fp_task
+
+    def fp_task_or_fail(seed):
+        if os.getpid() != parent:
+            raise RuntimeError("Unable to handle autograd's threading in combination with "
+                               "fork-based multiprocessing")
+        return fp_task(seed)
+
+    monkeypatch.setattr(train, "_fp_task", fp_task_or_fail)
+    args = TINY[:-2] + ["--seeds", "0,1", "--estimators", "ste", "--jobs", "2"]
+    summary = train.main(args + ["--out", str(tmp_path)])
+    assert len(summary) == 2
+    assert "no worker processes" in capsys.readouterr().err
 
 
 def test_tune_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch):

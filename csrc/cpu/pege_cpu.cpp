@@ -67,7 +67,7 @@ std::vector<Channel> channels_of(const at::Tensor& scale, const at::Tensor& zero
   const float* s = scale.data_ptr<float>();
   const float* z = zero_point.data_ptr<float>();
   std::vector<Channel> ch(p.channels);
-  for (int64_t c = 0; c < p.channels; ++c) ch[c] = make_channel(s[c], z[c], p.qmin, p.qmax);
+  for (int64_t c = 0; c < p.channels; ++c) ch[c] = make_channel(s[c], z[c], p.qmin, p.qmax, p.zero_point_as_is);
   return ch;
 }
 

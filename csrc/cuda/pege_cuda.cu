@@ -109,7 +109,7 @@ __device__ __forceinline__ void store_unit(T* __restrict__ dst, int64_t i0, int 
 
 __device__ __forceinline__ Channel channel_at(int64_t c, const float* s, const float* z,
                                               const QuantParams& p) {
-  return make_channel(s[c], z[c], p.qmin, p.qmax);
+  return make_channel(s[c], z[c], p.qmin, p.qmax, p.zero_point_as_is);
 }
 
 // y of one element: the whole forward contract in one place.

@@ -86,6 +86,9 @@ static void rounding_and_clamping() {
   EXPECT(make_channel(1.0f, 2.5f, -8, 7).zi == 2.0f);
   EXPECT(make_channel(1.0f, 3.5f, -8, 7).zi == 4.0f);
   EXPECT(make_channel(1.0f, 100.0f, -8, 7).zi == 7.0f);
+  // a dynamic zero point is used as it is, even outside the range
+  EXPECT(make_channel(1.0f, 100.0f, -8, 7, true).zi == 100.0f);
+  EXPECT(quantize(1.0f, make_channel(1.0f, 100.0f, -8, 7, true), -8, 7).q == -93.0f);
   // with a zero point the range shifts: t = round(x/s) + zi
   const Channel z3 = make_channel(0.5f, 3.0f, 0, 15);
   EXPECT(quantize(1.0f, z3, 0, 15).q == 1.0f);

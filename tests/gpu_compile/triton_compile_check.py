@@ -97,9 +97,11 @@ def record_launches():
                     s = torch.ones(c, device=dev)
                     label = f"{'per-tensor' if axis is None else 'per-channel'} " \
                             f"x={str(dtype)[6:]}{list(shape)} ints={name}"
-                    triton_fq._fwd(x, s, s, -8, 7, threshold, seed, offset, axis)
-                    triton_fq._bwd(x, x, s, s, -8, 7, threshold, seed, offset, axis, 0.5, 0.1,
-                                   1.0)
+                    # Dynamic qparams (zero points as they are): per-channel launches.
+                    for as_is in (False, True) if axis is not None and name == "0" else (False,):
+                        triton_fq._fwd(x, s, s, -8, 7, threshold, seed, offset, axis, as_is)
+                        triton_fq._bwd(x, x, s, s, -8, 7, threshold, seed, offset, axis, 0.5,
+                                       0.1, 1.0, as_is)
                 label = f"mask out=bool{list(shape)} ints={name}"
                 triton_fq._mask(_tensor(shape, torch.bool, "meta" if where == "meta" else "cpu"),
                                 threshold, seed, offset)
