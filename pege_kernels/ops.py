@@ -11,10 +11,10 @@ pege_triton:: from triton_fq.py):
     fake_quant_backward(grad, <the same arguments up to grad_factor>,
                         qparam_grad, zero_point_as_is=False)
         -> (dx, dscale, dzero_point)
+    replacement_mask(like, threshold, seed, offset) -> bool mask of like's shape
 
 zero_point_as_is: the zero points are integers derived from the data
 (fake_quantize_dynamic), used without rounding or clamping.
-    replacement_mask(like, threshold, seed, offset) -> bool mask of like's shape
 
 Saved for backward: x, scale and zero_point (no mask, no copy); the backward
 op regenerates the mask from (seed, offset).
