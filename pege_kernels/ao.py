@@ -1,5 +1,6 @@
 """PEGEFakeQuantize: a torch.ao.quantization fake-quantize module backed by
-the PEGE op, usable in a QConfig where FakeQuantize would be."""
+the PEGE op, usable in a QConfig where FakeQuantize would be. AOFakeQuantize
+is its body, shared with pege_kernels.torchao's PT2E variant."""
 from __future__ import annotations
 
 import torch
@@ -8,15 +9,14 @@ from torch.ao.quantization import FakeQuantizeBase
 from .nn import Quantizer
 
 
-class PEGEFakeQuantize(FakeQuantizeBase):
-    """LSQ-initialised learnable fake quantization with a selectable estimator.
+class AOFakeQuantize:
+    """LSQ-initialised learnable fake quantization with a selectable estimator,
+    for a fake-quantize base class (torch.ao's or torchao PT2E's) that follows
+    it in the bases.
 
-    Per-tensor by default (torch.ao builds it before seeing the tensor's
+    Per-tensor by default (the frameworks build it before seeing the tensor's
     shape); pass ch_axis and channels for per-channel. `Curriculum` drives its
     ratio like any other Quantizer.
-
-        qconfig = QConfig(activation=PEGEFakeQuantize.with_args(bits=4, signed=False),
-                          weight=PEGEFakeQuantize.with_args(bits=4, estimator="pege"))
     """
 
     def __init__(self, bits: int = 8, signed: bool = True, estimator: str = "pege",
@@ -55,3 +55,11 @@ class PEGEFakeQuantize(FakeQuantizeBase):
         q = self.quantizer
         zero_point = q.zero_point.round().clamp(q.quant_min, q.quant_max)
         return q.scale.detach(), zero_point.to(torch.int32)
+
+
+class PEGEFakeQuantize(AOFakeQuantize, FakeQuantizeBase):
+    """AOFakeQuantize on torch.ao.quantization's FakeQuantizeBase:
+
+        qconfig = QConfig(activation=PEGEFakeQuantize.with_args(bits=4, signed=False),
+                          weight=PEGEFakeQuantize.with_args(bits=4, estimator="pege"))
+    """

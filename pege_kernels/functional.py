@@ -137,15 +137,33 @@ def fake_quantize_dynamic(x: torch.Tensor, quant_min: int, quant_max: int, *,
     group_qparams); quantize, mask and blend then run in the backend's fused
     kernel, forward and backward.
     """
+    validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta, 1.0)
+    group_size_of(x, group_size)
+    with torch.no_grad():
+        scale, zero_point = reference.group_qparams(x, quant_min, quant_max, group_size,
+                                                    symmetric, eps)
+    return fake_quantize_fixed(x, scale, zero_point, quant_min, quant_max,
+                               group_size=group_size, ratio=ratio, seed=seed, offset=offset,
+                               lam=lam, delta=delta, backend=backend)
+
+
+def fake_quantize_fixed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        quant_min: int, quant_max: int, *, group_size: int | None = None,
+                        ratio: float = 1.0, seed: int = 0, offset: int = 0, lam: float = 0.0,
+                        delta: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """fake_quantize_dynamic's second half: per-group (or per-token, group_size
+    None) qparams given as constants (no gradient reaches them), the zero
+    point used as is (not rounded or clamped). For qparams computed once from
+    data and then kept (torchao's is_dynamic=False)."""
     threshold = validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta, 1.0)
     g = group_size_of(x, group_size)
+    check_group_qparams(x, scale, zero_point, g)
+    scale, zero_point = scale.detach(), zero_point.detach()
     name = resolve_backend(backend, x.device)
     if name == "reference":
-        return reference.FakeQuantizeDynamic.apply(x, quant_min, quant_max, threshold, seed,
-                                                   offset, group_size, symmetric, eps,
+        return reference.FakeQuantizeDynamic.apply(x, scale, zero_point, quant_min, quant_max,
+                                                   threshold, seed, offset, group_size,
                                                    float(lam), float(delta))
-    scale, zero_point = reference.group_qparams(x, quant_min, quant_max, group_size,
-                                                symmetric, eps)
     # Group j of the row-major order is channel j of x viewed as (groups, g).
     y = ops.namespace(name).fake_quant(x.reshape(-1, g), scale.reshape(-1),
                                        zero_point.reshape(-1), quant_min, quant_max,

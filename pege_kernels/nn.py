@@ -53,7 +53,43 @@ PRESETS = {
 }
 
 
-class Quantizer(nn.Module):
+class Progressive:
+    """What Curriculum drives: a quantizer with an `estimator` (one of
+    ESTIMATORS), a replacement `ratio` and `lam` (set by Curriculum for the
+    "pege" estimators), `delta`, a `role` and the training `step` (the
+    activation mask offset). Quantizer and pege_kernels.torchao's
+    PEGEFakeQuantizer are Progressive."""
+    ratio = 1.0
+    step = 0
+
+    def settings(self):
+        """(ratio, lam, delta) the op gets now, from estimator and mode: eval
+        mode runs every estimator at ratio 1."""
+        progressive = self.estimator.startswith("pege")
+        ratio = self.ratio if self.training and progressive else 1.0
+        lam = self.lam if progressive else 0.0
+        delta = self.delta if self.estimator.endswith("ewgs") else 0.0
+        return ratio, lam, delta
+
+    @property
+    def offset(self) -> int:
+        """Mask offset: the step for activations (a fresh mask per step), 0
+        for weights (masks nest as the ratio grows)."""
+        return self.step if self.role == "activation" else 0
+
+
+def check_estimator_args(estimator: str, lam: float, delta: float, role: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    for name, v in (("lam", lam), ("delta", delta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+class Quantizer(nn.Module, Progressive):
     """Fake-quantizes one tensor (a layer's weight or its input activation).
 
     estimator: "ste" (ratio 1, lam 0), "ewgs" (ratio 1, delta), "pege" (ratio
@@ -83,15 +119,9 @@ class Quantizer(nn.Module):
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
             raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        check_estimator_args(estimator, lam, delta, role)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        for name, v in (("lam", lam), ("delta", delta)):
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if group_size is not None:
             if axis is not None:
                 raise ValueError(f"pass axis (per channel) or group_size (per group), not both; "
@@ -113,8 +143,6 @@ class Quantizer(nn.Module):
         self.momentum, self.backend = momentum, backend
         self.quant_min = -(1 << (bits - 1)) if signed else 0
         self.quant_max = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-        self.ratio = 1.0  # set by Curriculum for "pege"
-        self.step = 0     # activation mask offset, set by Curriculum
         if self.spec.init_scale is None:
             self.register_buffer("scale", torch.full(shape, 1.0 / self.quant_max))
         else:
@@ -167,14 +195,6 @@ class Quantizer(nn.Module):
         self.initialized.fill_(True)
         self._initialized = True
 
-    def settings(self):
-        """(ratio, lam, delta) the op gets now, from estimator and mode."""
-        progressive = self.estimator.startswith("pege")
-        ratio = self.ratio if self.training and progressive else 1.0
-        lam = self.lam if progressive else 0.0
-        delta = self.delta if self.estimator.endswith("ewgs") else 0.0
-        return ratio, lam, delta
-
     def _grad_factor(self, x) -> float:
         """LSQ's gradient scale 1/sqrt(numel per channel * qmax); 1 otherwise."""
         if self.spec.observe != "mean":
@@ -197,8 +217,7 @@ class Quantizer(nn.Module):
         # it valid with the same value and gradient while s > 0.
         scale = self.scale.abs().clamp_min(1e-8) if self.spec.learnable else self.scale
         y = fake_quantize(x, scale, self.zero_point, self.quant_min, self.quant_max,
-                          ratio=ratio, seed=self.seed,
-                          offset=self.step if self.role == "activation" else 0,
+                          ratio=ratio, seed=self.seed, offset=self.offset,
                           lam=lam, delta=delta, grad_factor=self._grad_factor(x),
                           axis=None if self.axis is None else self.axis % x.dim(),
                           group_size=self.group_size, backend=self.backend)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .nn import ESTIMATORS, IntWeight, QuantConv2d, QuantLinear, Quantizer
+from .nn import ESTIMATORS, IntWeight, Progressive, QuantConv2d, QuantLinear, Quantizer
 
 KINDS = ("log", "linear", "cosine", "exp", "step", "constant")
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct seeds per (seed, index)
@@ -123,7 +123,7 @@ class Curriculum:
     def _apply(self):
         r = self.ratio
         for m in self.model.modules():
-            if isinstance(m, Quantizer):
+            if isinstance(m, Progressive):
                 m.step = self.t
                 if m.estimator.startswith("pege"):
                     m.ratio = r

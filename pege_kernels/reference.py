@@ -302,14 +302,14 @@ FakeQuantizeGrouped = _learned_autograd("FakeQuantizeGrouped", forward_grouped,
 
 
 class FakeQuantizeDynamic(torch.autograd.Function):
-    """Dynamic per-group / per-token qparams (group_qparams), constants for the
-    backward: a gradient flows to x only. Saves x and the group's (s, z)
-    (8 bytes per group), so backward does not reduce x again."""
+    """Per-group / per-token qparams derived from the data (group_qparams),
+    given as constants: a gradient flows to x only, and the zero point is used
+    as is. Saves x and the group's (s, z) (8 bytes per group), so backward
+    does not reduce x again."""
 
     @staticmethod
-    def forward(ctx, x, qmin, qmax, threshold, seed, offset, group_size, symmetric, eps,
+    def forward(ctx, x, scale, zero_point, qmin, qmax, threshold, seed, offset, group_size,
                 lam, delta):
-        scale, zero_point = group_qparams(x, qmin, qmax, group_size, symmetric, eps)
         ctx.save_for_backward(x, scale, zero_point)
         ctx.args = (qmin, qmax, threshold, seed, offset, group_size, lam, delta)
         return forward_grouped(x, scale, zero_point, qmin, qmax, threshold, seed, offset,

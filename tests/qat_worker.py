@@ -2,6 +2,7 @@
 
     python qat_worker.py train OUT STEPS [--resume CKPT] [--save-at K CKPT]
     python qat_worker.py ddp OUT RANK WORLD INIT_FILE
+    python qat_worker.py fsdp2 OUT RANK WORLD INIT_FILE
 """
 import sys
 
@@ -79,6 +80,51 @@ def ddp(out, rank, world, init_file):
     dist.destroy_process_group()
 
 
+def fsdp2(out, rank, world, init_file):
+    """One FSDP2 (fully_shard) step on CPU / gloo: the package's LSQ
+    quantizers (prepare_qat) and the torchao drop-in's dynamic per-group /
+    per-token quantizers, in one model."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    from pege_kernels.torchao import PEGEQATConfig
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    pk.prepare_qat(model, weight_bits=4, act_bits=4, estimator="pege", skip=[2, 3])
+    quantize_(model, PEGEQATConfig(
+        weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=32),
+        activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+        estimator="pege"), filter_fn=lambda m, name: type(m) is nn.Linear)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2))
+    per = 32 // world
+    xb, yb = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    # LSQ's first-batch init writes the scales: run it before sharding (the
+    # statistic is all-reduced, so every rank starts from the global batch's).
+    with torch.no_grad():
+        model(xb)
+    cur = pk.Curriculum(model, 1)
+    cur.step()  # r = 1: activation masks drawn per rank-local tensor agree only there
+    for m in model:
+        if any(p.requires_grad for p in m.parameters()):
+            fully_shard(m)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(model(xb), yb)
+    loss.backward()
+    opt.step()
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+             for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(state, out)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "train":
@@ -89,4 +135,4 @@ if __name__ == "__main__":
                    if "--save-at" in rest else None)
         train(out, steps, resume, save_at)
     else:
-        ddp(out, int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        {"ddp": ddp, "fsdp2": fsdp2}[mode](out, int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

@@ -90,8 +90,8 @@ def test_dynamic_forward_matches_torchao(name, qmin, qmax, group_size, symmetric
         assert torch.equal(z, fq.zero_point.reshape(z.shape).float())
         ours = R.forward_grouped(x, s, z, qmin, qmax, ONE, 0, 0, group_size, dynamic=True)
         assert_same_bits(ours, y)
-        assert_same_bits(R.FakeQuantizeDynamic.apply(
-            x, qmin, qmax, ONE, 0, 0, group_size, symmetric, None, 0.0, 0.0), y)
+        assert_same_bits(pk.fake_quantize_dynamic(x, qmin, qmax, group_size=group_size,
+                                                  symmetric=symmetric, backend="reference"), y)
 
 
 def test_dynamic_forward_matches_torchao_int32_zero_point_edge():
@@ -126,8 +126,8 @@ def test_dynamic_dx_matches_torchao_ste(name, qmin, qmax, group_size, symmetric,
         g = torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(dtype)
         fq(x).backward(g)
         xd = x.detach()
-        y = R.FakeQuantizeDynamic.apply(x, qmin, qmax, ONE, 0, 0, group_size, symmetric, None,
-                                        0.0, 0.0)
+        y = pk.fake_quantize_dynamic(x, qmin, qmax, group_size=group_size, symmetric=symmetric,
+                                     backend="reference")
         (dx,) = torch.autograd.grad(y, x, g)
         s, z = R.group_qparams(xd, qmin, qmax, group_size, symmetric)
         t = _ao_codes(xd, s, z, group_size)
@@ -248,8 +248,8 @@ def test_mask_is_replacement_mask(dynamic):
 
 def test_dynamic_qparams_get_no_gradient():
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-    y = R.FakeQuantizeDynamic.apply(x, -128, 127, round(0.5 * ONE), 1, 2, None, False, None,
-                                    0.2, 0.1)
+    y = pk.fake_quantize_dynamic(x, -128, 127, ratio=0.5, seed=1, offset=2, lam=0.2, delta=0.1,
+                                 backend="reference")
     g = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
     (dx,) = torch.autograd.grad(y, x, g)
     s, z = R.group_qparams(x.detach(), -128, 127, None, False)

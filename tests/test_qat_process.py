@@ -1,9 +1,10 @@
-"""QAT across processes: exact resume from a checkpoint, and DDP on 2 ranks."""
+"""QAT across processes: exact resume from a checkpoint, DDP and FSDP2 on 2 ranks."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,6 +40,24 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     for k, v in single["weights"].items():
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r1["weights"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_two_ranks_match_single_process(tmp_path):
+    """fully_shard (FSDP2) on gloo: one step of a model carrying the package's
+    LSQ quantizers and the torchao drop-in's per-group / per-token ones equals
+    the single-process step on the whole batch (at r = 1, lam = 0, as for DDP);
+    weight masks never depend on the rank."""
+    pytest.importorskip("torchao")
+    init = tmp_path / "init"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, WORKER, "fsdp2", str(tmp_path / "sharded.pt"),
+                               str(r), "2", str(init)], env=env) for r in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    run("fsdp2", tmp_path / "single.pt", 0, 1, tmp_path / "init1")
+    sharded, single = torch.load(tmp_path / "sharded.pt"), torch.load(tmp_path / "single.pt")
+    assert sharded.keys() == single.keys() and any("scale" in k for k in single)
+    for k, v in single.items():
+        torch.testing.assert_close(sharded[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_autocast_cpu_bf16():
