@@ -4,6 +4,7 @@
     pege-train --dataset digits --seeds 0,1,2
     pege-train --bits 2/2 --tune 4              # choose on validation, then refit
     pege-train --dataset cifar10 --data-dir DIR --bits 2/2,3/3,4/4 --epochs 200 --fp-epochs 200
+    pege-train --task lm                        # byte-level transformer, W2A8, 3 seeds
 
 Per seed, one full-precision model is pre-trained (--fp-epochs) and shared;
 every (bit width, estimator) run starts from it with the same optimizer,
@@ -11,7 +12,11 @@ cosine learning rate and data order, so estimators are compared in pairs,
 seed by seed. A fixed stratified validation split (--val-frac of the training
 set) gives the accuracy curves and, with --tune, the hyperparameters; the
 test set is scored once per run, at its end, in eval mode (every element
-quantized). Writes runs.json, runs.csv, summary.csv and three PNGs to --out
+quantized). --task lm trains a small decoder-only transformer on Python's
+standard library sources (train_data.load_stdlib) and scores bits per byte
+(lower is better); its W/A bits are per-group weights (--group-size) and
+per-token activations, through the torchao drop-in (pege_kernels.torchao).
+Writes runs.json, runs.csv, summary.csv and three PNGs to --out
 and prints the table with every estimator's paired difference from STE.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 
 from . import train_data as data
-from .nn import ESTIMATORS, Quantizer
+from .nn import ESTIMATORS, Progressive, Quantizer
 from .qat import KINDS, Curriculum, prepare_qat
 
 # ------------------------------------------------------------- quantizer
@@ -87,6 +92,8 @@ def quantize(fp: nn.Module, bits, estimator: str, cfg, seed: int) -> nn.Module:
     """A copy of `fp` prepared for QAT with `estimator` (ESTIMATORS) and the
     hyperparameters in cfg (lam: raw, or None for rho; delta; backend)."""
     pege = estimator.startswith("pege")
+    if cfg.task == "lm":
+        return quantize_lm(fp, bits, estimator, cfg, seed)
     model = prepare_qat(copy.deepcopy(fp), weight_bits=bits[0], act_bits=bits[1],
                         estimator=estimator, seed=seed,
                         lam=(cfg.lam or 0.0) if pege else 0.0,
@@ -99,17 +106,46 @@ def quantize(fp: nn.Module, bits, estimator: str, cfg, seed: int) -> nn.Module:
     return model
 
 
+def quantize_lm(fp: nn.Module, bits, estimator: str, cfg, seed: int) -> nn.Module:
+    """A copy of the language model with every Linear of its blocks a torchao
+    FakeQuantizedLinear carrying PEGE quantizers: bits[0]-bit symmetric
+    weights per group of cfg.group_size inputs, bits[1]-bit asymmetric
+    activations per token, both with qparams from the data (torchao's
+    defaults). lam is the raw lam (--rho is for the image tasks)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    from .torchao import PEGEQATConfig
+    model = copy.deepcopy(fp)
+    pege = estimator.startswith("pege")
+    quantize_(model.blocks, PEGEQATConfig(
+        weight_config=IntxFakeQuantizeConfig(getattr(torch, f"int{bits[0]}"),
+                                             group_size=cfg.group_size),
+        activation_config=IntxFakeQuantizeConfig(getattr(torch, f"int{bits[1]}"), "per_token",
+                                                 is_symmetric=False),
+        estimator=estimator, lam=(cfg.lam or 0.0) if pege else 0.0,
+        delta=cfg.delta if estimator.endswith("ewgs") else 0.0, seed=seed,
+        backend=cfg.backend))
+    return model
+
+
 # -------------------------------------------------------------- training
 
 
-def evaluate(model, split, batch_size, prep):
+def evaluate(model, split, batch_size, prep, metric="accuracy"):
+    """Accuracy (%) or, for metric "bits per byte", the mean cross-entropy
+    of every predicted byte in bits, in eval mode."""
     model.eval()
     x, y = split
-    correct = 0
+    total = 0.0
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
-            correct += (model(prep(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum()
-    return 100.0 * int(correct) / len(y)
+            out, yb = model(prep(x[i:i + batch_size])), y[i:i + batch_size]
+            if metric == "accuracy":
+                total += float((out.argmax(1) == yb).sum())
+            else:
+                total += data.bits_per_byte(out, yb) * len(yb)
+    return (100.0 if metric == "accuracy" else 1.0) * total / len(y)
 
 
 def train_run(model, fit, val, cfg, seed, epochs, lr, desc, curriculum_frac=None):
@@ -131,7 +167,7 @@ def train_run(model, fit, val, cfg, seed, epochs, lr, desc, curriculum_frac=None
         cur = Curriculum(model, max(1, int(curriculum_frac * total)), kind=cfg.curriculum,
                          k=cfg.k, r0=cfg.r0)
     g = torch.Generator().manual_seed(seed)
-    curves = dict(epoch=[], loss=[], val_acc=[], ratio=[], lam=[])
+    curves = dict(epoch=[], loss=[], val_score=[], ratio=[], lam=[])
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not cfg.progress, file=sys.stderr)
     for epoch in bar:
         model.train()
@@ -139,7 +175,9 @@ def train_run(model, fit, val, cfg, seed, epochs, lr, desc, curriculum_frac=None
         losses = []
         for i in range(0, len(y), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(cfg.prep_train(x[idx], g)), y[idx])
+            # (batch, classes) or (batch, positions, bytes): one loss per target
+            loss = nn.functional.cross_entropy(model(cfg.prep_train(x[idx], g)).flatten(0, -2),
+                                               y[idx].flatten())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -147,15 +185,15 @@ def train_run(model, fit, val, cfg, seed, epochs, lr, desc, curriculum_frac=None
             if cur is not None:
                 cur.step()
             losses.append(loss.item())
-        lams = [m.lam for m in model.modules() if isinstance(m, Quantizer)
+        lams = [m.lam for m in model.modules() if isinstance(m, Progressive)
                 and m.estimator == "pege"]
         curves["epoch"].append(epoch + 1)
         curves["loss"].append(sum(losses) / len(losses))
         curves["ratio"].append(cur.ratio if cur is not None else 1.0)
         curves["lam"].append(sum(lams) / len(lams) if lams else 0.0)
         if val is not None:
-            curves["val_acc"].append(evaluate(model, val, 512, cfg.prep_test))
-            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}", val=f"{curves['val_acc'][-1]:.1f}")
+            curves["val_score"].append(evaluate(model, val, 512, cfg.prep_test, cfg.metric))
+            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}", val=f"{curves['val_score'][-1]:.3f}")
     return curves
 
 
@@ -167,7 +205,7 @@ def fp_run(seed, fit, val, test, args, phase):
                        f"{phase} seed {seed} FP")
     score_on = test if test is not None else val
     return fp, dict(phase=phase, seed=seed, bits="fp", estimator="fp", config=0,
-                    acc=evaluate(fp, score_on, 512, args.prep_test), curves=curves)
+                    score=evaluate(fp, score_on, 512, args.prep_test, args.metric), curves=curves)
 
 
 def qat_run(fp, seed, job, fit, val, test, phase):
@@ -180,11 +218,11 @@ def qat_run(fp, seed, job, fit, val, test, phase):
     curves = train_run(model, fit, val, cfg, seed + 1000, cfg.epochs, cfg.lr,
                        f"{phase} seed {seed} {name} {est} #{index}",
                        cfg.curriculum_frac if est.startswith("pege") else None)
-    acc = evaluate(model, test if test is not None else val, 512, cfg.prep_test)
+    score = evaluate(model, test if test is not None else val, 512, cfg.prep_test, cfg.metric)
     where = "test" if test is not None else "val"
-    print(f"{phase} seed {seed} {name} {est:<9} #{index}: {where} acc {acc:.2f}% "
+    print(f"{phase} seed {seed} {name} {est:<9} #{index}: {where} {cfg.metric} {score:.3f} "
           f"({time.time() - t0:.0f} s)", flush=True)
-    return dict(phase=phase, seed=seed, bits=name, estimator=est, config=index, acc=acc,
+    return dict(phase=phase, seed=seed, bits=name, estimator=est, config=index, score=score,
                 curves=curves, hp=hyperparameters(cfg, est))
 
 
@@ -258,14 +296,16 @@ def hyperparameters(cfg, est):
     """The hyperparameters that act on `est`'s runs."""
     keys = ["lr"] + (["delta"] if est.endswith("ewgs") else [])
     if est.startswith("pege"):
-        keys += ["rho" if cfg.lam is None else "lam", "curriculum_frac", "k"]
+        keys += ["rho" if cfg.lam is None and cfg.task != "lm" else "lam",
+                 "curriculum_frac", "k"]
     return {k: getattr(cfg, k) for k in keys}
 
 
 def candidates(args, est, n):
     """n configurations for `est`: the defaults, then n - 1 random draws from
     its search space (log-uniform lr in [lr/3, 3 lr], delta in [0.03, 1],
-    rho in [0.001, 0.1]; uniform curriculum_frac in [0.1, 0.6]). Every
+    rho in [0.001, 0.1] (lm: lam in [1e-5, 1e-2]); uniform curriculum_frac in
+    [0.1, 0.6]). Every
     estimator gets the same n, so the ones with more knobs pay for them."""
     rng = random.Random(f"{args.tune_seed}/{est}")
 
@@ -278,7 +318,10 @@ def candidates(args, est, n):
         if est.endswith("ewgs"):
             cfg.delta = log_uniform(0.03, 1.0)
         if est.startswith("pege"):
-            cfg.lam, cfg.rho = None, log_uniform(0.001, 0.1)
+            if args.task == "lm":
+                cfg.lam = log_uniform(1e-5, 1e-2)
+            else:
+                cfg.lam, cfg.rho = None, log_uniform(0.001, 0.1)
             cfg.curriculum_frac = rng.uniform(0.1, 0.6)
         out.append(cfg)
     return out
@@ -286,14 +329,15 @@ def candidates(args, est, n):
 
 def tune(args, fit, val, train, test):
     """Chooses each (bits, estimator)'s configuration by mean validation
-    accuracy over --tune-seeds (trained on fit = train minus val), then runs
+    score (accuracy, or bits per byte: lower) over --tune-seeds (trained on fit = train minus val), then runs
     the chosen ones on train (fit + val) over --seeds, scored once on test."""
     jobs = [(bits, est, i, cfg) for bits in args.bit_pairs for est in args.estimator_list
             for i, cfg in enumerate(candidates(args, est, args.tune))]
     tuned = run_jobs(jobs, fit, val, None, args.tune_seed_list, args, "tune")
     accs = {}
     for r in tuned:
-        accs.setdefault((r["bits"], r["estimator"], r["config"]), []).append(r["acc"])
+        accs.setdefault((r["bits"], r["estimator"], r["config"]), []).append(
+            r["score"] if args.metric == "accuracy" else -r["score"])
     chosen = []
     for bits in args.bit_pairs:
         for est in args.estimator_list:
@@ -326,9 +370,9 @@ def summarize(runs):
     rows = []
     for bits in dict.fromkeys(r["bits"] for r in runs):
         of_bits = [r for r in runs if r["bits"] == bits]
-        ste = {r["seed"]: r["acc"] for r in of_bits if r["estimator"] == "ste"}
+        ste = {r["seed"]: r["score"] for r in of_bits if r["estimator"] == "ste"}
         for est in dict.fromkeys(r["estimator"] for r in of_bits):
-            accs = {r["seed"]: r["acc"] for r in of_bits if r["estimator"] == est}
+            accs = {r["seed"]: r["score"] for r in of_bits if r["estimator"] == est}
             row = dict(bits=bits, estimator=est, n=len(accs), mean=statistics.mean(accs.values()),
                        std=statistics.stdev(accs.values()) if len(accs) > 1 else 0.0)
             seeds = [s for s in accs if s in ste]
@@ -340,16 +384,18 @@ def summarize(runs):
 
 
 def table(summary, metric):
-    lines = [f"| bits | estimator | {metric} (%) | vs STE, paired (pt) | 95% interval |",
+    acc = metric.endswith("accuracy")
+    unit, diff_unit, f = (" (%)", " (pt)", ".2f") if acc else ("", "", ".3f")
+    lines = [f"| bits | estimator | {metric}{unit} | vs STE, paired{diff_unit} | 95% interval |",
              "|---|---|---:|---:|---:|"]
     for r in summary:
         diff = ci = "-"
         if not math.isnan(r["diff_mean"]):
-            diff = f"{r['diff_mean']:+.2f} +- {r['diff_std']:.2f}"
+            diff = f"{r['diff_mean']:+{f}} +- {r['diff_std']:{f}}"
             if not math.isnan(r["ci_low"]):
-                ci = f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+                ci = f"[{r['ci_low']:+{f}}, {r['ci_high']:+{f}}]"
         name = "FP32" if r["bits"] == "fp" else r["bits"]
-        lines.append(f"| {name} | {r['estimator']} | {r['mean']:.2f} +- {r['std']:.2f} | "
+        lines.append(f"| {name} | {r['estimator']} | {r['mean']:{f}} +- {r['std']:{f}} | "
                      f"{diff} | {ci} |")
     return "\n".join(lines)
 
@@ -361,17 +407,17 @@ def write_outputs(out, args, runs, tuned, summary, seconds):
                                                    summary=summary), indent=1))
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["phase", "seed", "bits", "estimator", "config", "score", "acc", "hp"])
+        w.writerow(["phase", "seed", "bits", "estimator", "config", "split", args.metric, "hp"])
         score = "test" if args.score == "test" else "val"
         for r in tuned + runs:
             w.writerow([r["phase"], r["seed"], r["bits"], r["estimator"], r["config"],
-                        "val" if r["phase"] == "tune" else score, f"{r['acc']:.2f}",
+                        "val" if r["phase"] == "tune" else score, f"{r['score']:.4f}",
                         json.dumps(r.get("hp", {}))])
     with open(out / "summary.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    metric = "test accuracy" if args.score == "test" else "validation accuracy"
+    metric = f"{'test' if args.score == 'test' else 'validation'} {args.metric}"
     how = (f"hyperparameters tuned on validation ({args.tune} per estimator, seeds "
            f"{args.tune_seeds}), refit on train+val" if args.tune else "default hyperparameters")
     print(f"\n{args.dataset}: {metric}, mean +- std over seeds {args.seeds}; {how}; "
@@ -399,14 +445,14 @@ def plot(out, args, runs, tuned, summary, metric):
             # With --tune the final runs have no validation split: the curves
             # are the tuning runs of the configuration chosen.
             cfg = next(r["config"] for r in runs if r["bits"] == b and r["estimator"] == est)
-            curves = [r["curves"]["val_acc"] for r in tuned or runs if r["bits"] == b
+            curves = [r["curves"]["val_score"] for r in tuned or runs if r["bits"] == b
                       and r["estimator"] == est and r["config"] == cfg]
             if curves and curves[0]:
                 mean = [statistics.mean(v) for v in zip(*curves, strict=True)]
                 ax.plot(range(1, len(mean) + 1), mean, label=est)
         ax.set_title(f"{args.dataset} {b}")
         ax.set_xlabel("QAT epoch")
-        ax.set_ylabel("validation accuracy (%), mean over seeds")
+        ax.set_ylabel(f"validation {args.metric}, mean over seeds")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=100)
@@ -425,8 +471,10 @@ def plot(out, args, runs, tuned, summary, metric):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 4.5))
     labels = [f"{r['bits']}\n{r['estimator']}" for r in summary]
     ax.bar(labels, [r["mean"] for r in summary], yerr=[r["std"] for r in summary], capsize=3)
-    ax.set_ylabel(f"final {metric} (%), mean +- std")
-    ax.set_ylim(max(0, min(r["mean"] - r["std"] for r in summary) - 5), 100)
+    ax.set_ylabel(f"final {metric}, mean +- std")
+    lo, hi = (min(r["mean"] - r["std"] for r in summary), max(r["mean"] + r["std"] for r in summary))
+    ax.set_ylim(*((max(0, lo - 5), 100) if args.metric == "accuracy" else
+                  (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))))
     ax.tick_params(axis="x", labelsize=8)
     diffs = [r for r in summary if not math.isnan(r["diff_mean"])]
     if diffs:
@@ -437,7 +485,8 @@ def plot(out, args, runs, tuned, summary, metric):
                [r["diff_mean"] for r in diffs], yerr=err, capsize=3, color="tab:orange")
     bx.axhline(0, color="black", lw=0.8)
     bx.tick_params(axis="x", labelsize=8)
-    bx.set_ylabel("paired difference from STE (pt), 95% interval")
+    bx.set_ylabel(f"paired difference from STE{' (pt)' if args.metric == 'accuracy' else ''}, "
+                  "95% interval")
     fig.tight_layout()
     fig.savefig(out / "final.png", dpi=100)
     plt.close(fig)
@@ -448,14 +497,21 @@ def plot(out, args, runs, tuned, summary, metric):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="pege-train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", choices=tuple(data.TASKS), default="mnist1d")
+    ap.add_argument("--task", choices=("image", "lm"), default="image",
+                    help="image classification (--dataset), or lm: a byte-level transformer "
+                         "on Python's standard library sources (bits per byte)")
+    ap.add_argument("--dataset", choices=tuple(k for k in data.TASKS if k != "stdlib"),
+                    default="mnist1d", help="the image task's data")
     ap.add_argument("--data-dir", default=None, help="cifar10: where the data lies")
     ap.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir")
-    ap.add_argument("--samples", type=int, default=5000,
-                    help="mnist1d: sequences generated (80%% train, 20%% test)")
-    ap.add_argument("--bits", default="2/2,3/3", help="W/A pairs, e.g. 2/2,3/3")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="mnist1d: sequences generated (80%% train, 20%% test; default 5000); "
+                         "lm: training windows (default 8192)")
+    ap.add_argument("--bits", default=None,
+                    help="W/A pairs, e.g. 2/2,3/3 (default; lm: 2/8)")
+    ap.add_argument("--group-size", type=int, default=32, help="lm: weights per group")
     ap.add_argument("--estimators", default=",".join(ESTIMATORS))
-    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--seeds", default=None, help="default 0,1,2,3,4 (lm: 0,1,2)")
     ap.add_argument("--val-frac", type=float, default=0.2,
                     help="fraction of the training set held out for validation")
     ap.add_argument("--score", choices=("test", "val"), default="test",
@@ -490,11 +546,14 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="results/train")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    task = data.TASKS[args.dataset]
+    if args.task == "lm":
+        args.dataset = "stdlib"
+    task = dict(dict(bits="2/2,3/3", samples=5000, seeds="0,1,2,3,4"), **data.TASKS[args.dataset])
     for key in ("epochs", "fp_epochs", "optimizer", "lr", "weight_decay", "batch_size",
-                "threads"):
+                "threads", "bits", "samples", "seeds"):
         if getattr(args, key) is None:
             setattr(args, key, task[key])
+    args.metric = data.METRICS.get(args.dataset, "accuracy")
     if args.jobs is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
@@ -529,9 +588,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    (train, test), (args.prep_train, args.prep_test) = data.load(args)
-    keep, held = data.stratified_split(train[1], args.val_frac)
-    fit, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
+    (train, test), (args.prep_train, args.prep_test), val = data.load(args)
+    if val is None:
+        keep, held = data.stratified_split(train[1], args.val_frac)
+        fit, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
+    else:  # the task's own validation split; --tune refits on train + val
+        fit, train = train, tuple(torch.cat(p) for p in zip(train, val))
     if args.tune:
         tuned, runs = tune(args, fit, val, train, test)
     else:

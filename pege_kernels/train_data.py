@@ -1,12 +1,18 @@
-"""pege-train's tasks: data (mnist1d, digits, cifar10), models, recipes.
+"""pege-train's tasks: data (mnist1d, digits, cifar10; stdlib for the
+language model), models, recipes.
 
 Each loader returns ((x_train, y_train), (x_test, y_test)) as CPU tensors.
-A task's model keeps its first conv and classifier in FP32 (prepare_qat's
-"first_last" skip) and quantizes the layers in between.
+An image task's model keeps its first conv and classifier in FP32
+(prepare_qat's "first_last" skip) and quantizes the layers in between; the
+language model keeps its embeddings and output layer in FP32 and quantizes
+every Linear of its blocks.
 """
 from __future__ import annotations
 
+import math
 import pickle
+import sysconfig
+import zlib
 from pathlib import Path
 
 import torch
@@ -109,6 +115,49 @@ def stratified_split(y: torch.Tensor, frac: float, seed: int = 0):
     return torch.cat(keep).sort().values, torch.cat(held).sort().values
 
 
+def stdlib_splits():
+    """The stdlib corpus's files by split: every .py file directly in this
+    Python's standard library directory (sysconfig's "stdlib"), by name; a
+    file goes to test when crc32(name) % 10 == 0, to validation when it is
+    1, to train otherwise (about 80/10/10, the same on every machine with
+    the same Python)."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    splits = {"train": [], "val": [], "test": []}
+    for f in files:
+        h = zlib.crc32(f.name.encode()) % 10
+        splits["test" if h == 0 else "val" if h == 1 else "train"].append(f)
+    return splits
+
+
+def load_stdlib(train_windows: int, ctx: int = 64):
+    """Byte-level language-model data from the standard library's sources
+    (stdlib_splits; no download). Each split's files are joined with a
+    newline, in name order, and cut into non-overlapping windows of ctx + 1
+    bytes; x = a window's first ctx bytes, y = its last ctx (the next byte at
+    every position). Train keeps `train_windows` windows drawn by a fixed
+    generator; validation and test keep train_windows // 8 each.
+    Returns (train, val, test) as (x, y) int64 pairs."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for name, files in stdlib_splits().items():
+        text = b"\n".join(f.read_bytes() for f in files)
+        n = len(text) // (ctx + 1)
+        windows = torch.frombuffer(bytearray(text[:n * (ctx + 1)]), dtype=torch.uint8)
+        windows = windows.reshape(n, ctx + 1).long()
+        keep = train_windows if name == "train" else train_windows // 8
+        if keep > n:
+            raise ValueError(f"stdlib {name} split has {n} windows of {ctx + 1} bytes, "
+                             f"{keep} asked for")
+        windows = windows[torch.randperm(n, generator=g)[:keep]]
+        out.append((windows[:, :-1].contiguous(), windows[:, 1:].contiguous()))
+    return tuple(out)
+
+
+def bits_per_byte(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy over every predicted byte, in bits."""
+    return float(nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())) / math.log(2)
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -168,6 +217,42 @@ def resnet20() -> nn.Module:
 # Per task: the model and the recipe's defaults. The small tasks run on one
 # thread: their ops are too small to gain from more, and on a shared machine
 # OpenMP threads that wait for a busy core make every op many times slower.
+class DecoderBlock(nn.Module):
+    """Pre-norm decoder block: causal multi-head self-attention, then a GELU
+    MLP of width 4 * dim, each with a residual."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class ByteLM(nn.Module):
+    """Decoder-only byte-level transformer: token and position embeddings,
+    `layers` DecoderBlocks, a final LayerNorm and an output layer (256 logits
+    per position). The defaults have 0.14 M parameters."""
+
+    def __init__(self, dim: int = 64, layers: int = 2, heads: int = 4, ctx: int = 64):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(256, dim), nn.Embedding(ctx, dim)
+        self.blocks = nn.Sequential(*[DecoderBlock(dim, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 256)
+
+    def forward(self, idx):
+        x = self.embed(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.norm(self.blocks(x)))
+
+
 TASKS = {
     "mnist1d": dict(model=mnist1d_cnn, epochs=30, fp_epochs=40, optimizer="adam",
                     lr=3e-3, weight_decay=0.0, batch_size=128, threads=1),
@@ -175,15 +260,24 @@ TASKS = {
                    lr=3e-3, weight_decay=0.0, batch_size=64, threads=1),
     "cifar10": dict(model=resnet20, epochs=200, fp_epochs=200, optimizer="sgd",
                     lr=0.04, weight_decay=5e-4, batch_size=128, threads=0),
+    # --task lm: W/A bits are per-group (--group-size) weights, per-token activations.
+    "stdlib": dict(model=ByteLM, epochs=2, fp_epochs=3, optimizer="adam", lr=3e-3,
+                   weight_decay=0.0, batch_size=32, threads=1, bits="2/8", samples=8192,
+                   seeds="0,1,2"),
 }
+METRICS = {"stdlib": "bits per byte"}  # otherwise accuracy (%)
 
 
 def load(args):
-    """(train, test) and the train/test batch transforms of args.dataset."""
+    """((train, test), the train/test batch transforms, val) of args.dataset;
+    val is None where the caller holds out part of train (image tasks)."""
     plain = (lambda x, g: x), (lambda x: x)
+    if args.dataset == "stdlib":
+        train, val, test = load_stdlib(args.samples)
+        return (train, test), plain, val
     if args.dataset == "cifar10":
         return load_cifar10(args.data_dir, args.download), (
-            cifar_augment, lambda x: normalize(x.float() / 255))
+            cifar_augment, lambda x: normalize(x.float() / 255)), None
     if args.dataset == "digits":
-        return load_digits_split(), plain
-    return load_mnist1d(args.samples), plain
+        return load_digits_split(), plain, None
+    return load_mnist1d(args.samples), plain, None

@@ -105,7 +105,7 @@ def test_raw_lam_overrides_rho_and_pege_ewgs_passes_delta():
 @pytest.mark.parametrize("est,peer", [("pege", "ste"), ("pege+ewgs", "ewgs")])
 def test_pege_at_constant_ratio_1_without_lam_is_its_peer(est, peer):
     args = train.parse_args(TINY + ["--rho", "0", "--curriculum", "constant", "--r0", "1"])
-    (fit, val), (args.prep_train, args.prep_test) = train_data.load(args)
+    (fit, val), (args.prep_train, args.prep_test), _ = train_data.load(args)
     torch.manual_seed(0)
     fp = args.model()
     losses = []
@@ -113,12 +113,12 @@ def test_pege_at_constant_ratio_1_without_lam_is_its_peer(est, peer):
         model = train.quantize(fp, (2, 2), e, args, seed=0)
         frac = args.curriculum_frac if e.startswith("pege") else None
         curves = train.train_run(model, fit, val, args, 0, 2, args.lr, e, frac)
-        losses.append(curves["loss"] + curves["val_acc"])
+        losses.append(curves["loss"] + curves["val_score"])
     assert losses[0] == losses[1]
 
 
 def test_paired_difference_and_t_interval():
-    runs = [dict(seed=s, bits="W2A2", estimator=e, acc=a) for s, (x, y) in
+    runs = [dict(seed=s, bits="W2A2", estimator=e, score=a) for s, (x, y) in
             enumerate([(80, 81), (82, 84), (81, 81), (79, 82), (80, 82)])
             for e, a in (("ste", x), ("pege", y))]
     ste, pege = train.summarize(runs)
@@ -137,8 +137,8 @@ def test_cli_smoke_on_mnist1d(tmp_path, capsys):
     assert all(math.isfinite(r["ci_low"]) for r in summary[2:])
     assert "| W2A2 | pege | " in capsys.readouterr().out
     saved = json.loads((tmp_path / "runs.json").read_text())
-    assert len(saved["runs"]) == 10 and all(0 <= r["acc"] <= 100 for r in saved["runs"])
-    assert all(len(r["curves"]["val_acc"]) == 1 for r in saved["runs"])
+    assert len(saved["runs"]) == 10 and all(0 <= r["score"] <= 100 for r in saved["runs"])
+    assert all(len(r["curves"]["val_score"]) == 1 for r in saved["runs"])
     with open(tmp_path / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 5 and {"diff_mean", "ci_low", "ci_high"} <= set(rows[0])
@@ -163,7 +163,7 @@ def test_seeds_in_worker_processes_give_the_same_runs(tmp_path):
     one, two = (json.loads((tmp_path / d / "runs.json").read_text())["runs"]
                 for d in ("one", "two"))
     assert [(r["seed"], r["estimator"]) for r in one] == [(r["seed"], r["estimator"]) for r in two]
-    assert [(r["acc"], r["curves"]) for r in one] == [(r["acc"], r["curves"]) for r in two]
+    assert [(r["score"], r["curves"]) for r in one] == [(r["score"], r["curves"]) for r in two]
 
 
 def test_workers_fall_back_to_one_process_after_autograd(tmp_path, capsys, monkeypatch):
@@ -197,12 +197,12 @@ def test_tune_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch)
     tuned, final = saved["tuning"], saved["runs"]
     assert len(tuned) == 1 + 2 * 2 and {r["phase"] for r in tuned} == {"tune"}
     for est in ("ste", "pege+ewgs"):
-        accs = {r["config"]: r["acc"] for r in tuned if r["estimator"] == est}
+        accs = {r["config"]: r["score"] for r in tuned if r["estimator"] == est}
         chosen = next(r for r in final if r["estimator"] == est)
         assert accs[chosen["config"]] == max(accs.values())
     # Tuning runs score (per epoch and at the end) the validation split
     # only; the final runs, trained on train + val, score test once each.
-    (tr, te), _ = train_data.load(train.parse_args(TINY))
+    (tr, te), _, _ = train_data.load(train.parse_args(TINY))
     n_val = len(train_data.stratified_split(tr[1], 0.2)[1])
     assert scored[:2 * len(tuned)] == [n_val] * (2 * len(tuned))
     assert scored[2 * len(tuned):] == [len(te[1])] * 3
@@ -217,3 +217,67 @@ def test_tune_candidates_same_count_for_every_estimator_defaults_first():
         assert all(args.lr / 3 <= c.lr <= args.lr * 3 for c in cands)
         assert all(c.delta == args.delta for c in cands) != est.endswith("ewgs")
         assert all(c.rho == args.rho for c in cands) != est.startswith("pege")
+
+
+LM_TINY = ["--task", "lm", "--samples", "256", "--epochs", "1", "--fp-epochs", "1",
+           "--batch-size", "64", "--no-progress", "--jobs", "1"]
+
+
+def test_stdlib_splits_are_disjoint_fixed_and_by_file():
+    splits = train_data.stdlib_splits()
+    names = [{f.name for f in files} for files in splits.values()]
+    assert all(names) and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert splits == train_data.stdlib_splits()
+    (xa, ya), val, test = train_data.load_stdlib(64, ctx=16)
+    assert xa.shape == ya.shape == (64, 16) and val[0].shape == test[0].shape == (8, 16)
+    assert torch.equal(xa[:, 1:], ya[:, :-1])  # y is x shifted by one byte
+    assert torch.equal(train_data.load_stdlib(64, ctx=16)[0][0], xa)
+    with pytest.raises(ValueError, match="windows"):
+        train_data.load_stdlib(10 ** 9)
+
+
+def test_bits_per_byte_of_a_uniform_model_is_8():
+    logits = torch.zeros(3, 5, 256)
+    assert train_data.bits_per_byte(logits, torch.randint(0, 256, (3, 5))) == pytest.approx(8.0)
+
+
+def test_lm_quantizes_every_block_linear_with_the_torchao_drop_in():
+    pytest.importorskip("torchao")
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    from pege_kernels.torchao import PEGEFakeQuantizer
+    args = train.parse_args(LM_TINY)
+    fp = args.model()
+    model = train.quantize(fp, (2, 8), "pege", args, seed=3)
+    fq = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
+    assert len(fq) == 4 * len(model.blocks) and type(model.head) is torch.nn.Linear
+    w = fq[0].weight_fake_quantizer
+    a = fq[0].activation_fake_quantizer
+    assert isinstance(w, PEGEFakeQuantizer) and w.config.granularity.group_size == 32
+    assert a.config.dtype == torch.int8 and a.role == "activation"
+    assert all(type(m) is torch.nn.Linear for m in fp.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_cli_smoke_lm(tmp_path, capsys):
+    pytest.importorskip("torchao")
+    summary = train.main(LM_TINY + ["--seeds", "0,1", "--estimators", "ste,pege",
+                                    "--out", str(tmp_path)])
+    assert [(r["bits"], r["estimator"]) for r in summary] == [
+        ("fp", "fp"), ("W2A8", "ste"), ("W2A8", "pege")]
+    out = capsys.readouterr().out
+    assert "test bits per byte" in out and "| W2A8 | pege | " in out
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert all(0 < r["score"] < 9 for r in saved["runs"])  # bits per byte of a byte model
+    assert (tmp_path / "final.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lm_tune_minimises_validation_bits_per_byte(tmp_path):
+    pytest.importorskip("torchao")
+    train.main(LM_TINY + ["--seeds", "0", "--tune", "2", "--tune-seeds", "100",
+                          "--estimators", "pege", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    scores = {r["config"]: r["score"] for r in saved["tuning"] if r["estimator"] == "pege"}
+    chosen = next(r for r in saved["runs"] if r["estimator"] == "pege")
+    assert scores[chosen["config"]] == min(scores.values())
+    assert "lam" in chosen["hp"] and "rho" not in chosen["hp"]
+
