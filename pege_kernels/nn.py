@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import fake_quantize
+from .functional import fake_quantize, fake_quantize_dynamic
 
 # "pege+ewgs": PEGE's curriculum and lam with EWGS's delta, in the same op call.
 ESTIMATORS = ("ste", "ewgs", "pege", "pege+ewgs")
@@ -34,12 +34,16 @@ class Preset:
         scale state: the fixed scale 1/qmax of the tanh-normalised weight).
     tanh: DoReFa's weight transform, x -> tanh(x)/(2 max|tanh x|) + 1/2 in,
         y -> 2y - 1 out.
+    dynamic: no scale state: scale and zero point from each token's (or
+        group's) values at every call (fake_quantize_dynamic), "asymmetric"
+        or "symmetric".
     """
     learnable: bool
     observe: str | None
     unsigned: bool
     init_scale: object
     tanh: bool = False
+    dynamic: str | None = None
 
 
 PRESETS = {
@@ -50,6 +54,11 @@ PRESETS = {
     "dorefa": Preset(learnable=False, observe=None, unsigned=True, init_scale=None, tanh=True),
     "minmax": Preset(learnable=False, observe="amax", unsigned=False,
                      init_scale=lambda qmax: 1.0),
+    # torchao's data-derived qparams (per token, or per group with group_size)
+    "dynamic": Preset(learnable=False, observe=None, unsigned=False, init_scale=None,
+                      dynamic="asymmetric"),
+    "dynamic_symmetric": Preset(learnable=False, observe=None, unsigned=False,
+                                init_scale=None, dynamic="symmetric"),
 }
 
 
@@ -106,7 +115,10 @@ class Quantizer(nn.Module, Progressive):
         1/sqrt(numel_per_channel*qmax)); "pact" (activations: learnable
         clipping level alpha, scale = alpha/qmax); "dorefa" (weights: tanh
         normalisation to [0, 1], fixed scale, mapped back to [-1, 1]);
-        "minmax" (scale from an EMA of max|x|, not learnt).
+        "minmax" (scale from an EMA of max|x|, not learnt); "dynamic" /
+        "dynamic_symmetric" (no scale state: torchao's asymmetric / symmetric
+        qparams from the data at every call, per token, or per group with
+        group_size; channels unused).
     role: "weight" uses a fixed mask offset (masks nest as the ratio grows);
         "activation" uses offset = the training step (a fresh mask per step).
     """
@@ -133,6 +145,9 @@ class Quantizer(nn.Module, Progressive):
         else:
             shape = (channels if axis is not None else 1,)
         self.spec = PRESETS[preset]
+        if self.spec.dynamic and axis is not None:
+            raise ValueError(f"preset {preset!r} is per token or per group (group_size), "
+                             f"not per channel; got axis={axis!r}")
         signed = signed and not self.spec.unsigned
         if bits == 1 and signed:
             raise ValueError("a signed 1-bit range is empty of steps; use signed=False")
@@ -143,7 +158,10 @@ class Quantizer(nn.Module, Progressive):
         self.momentum, self.backend = momentum, backend
         self.quant_min = -(1 << (bits - 1)) if signed else 0
         self.quant_max = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-        if self.spec.init_scale is None:
+        if self.spec.dynamic:
+            shape = (0,)  # no qparam state; empty buffers keep the module's interface
+            self.register_buffer("scale", torch.ones(shape))
+        elif self.spec.init_scale is None:
             self.register_buffer("scale", torch.full(shape, 1.0 / self.quant_max))
         else:
             init = torch.full(shape, float(self.spec.init_scale(self.quant_max)))
@@ -162,6 +180,8 @@ class Quantizer(nn.Module, Progressive):
 
     def extra_repr(self) -> str:
         where = f"group_size={self.group_size}" if self.group_size else f"axis={self.axis}"
+        if self.spec.dynamic and not self.group_size:
+            where = "per token"
         return (f"bits={self.bits}, signed={self.signed}, {where}, "
                 f"preset={self.preset}, estimator={self.estimator}, role={self.role}")
 
@@ -206,6 +226,13 @@ class Quantizer(nn.Module, Progressive):
         return 1.0 / math.sqrt(max(per, 1) * self.quant_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.dynamic:
+            ratio, lam, delta = self.settings()
+            return fake_quantize_dynamic(x, self.quant_min, self.quant_max,
+                                         group_size=self.group_size,
+                                         symmetric=self.spec.dynamic == "symmetric",
+                                         ratio=ratio, seed=self.seed, offset=self.offset,
+                                         lam=lam, delta=delta, backend=self.backend)
         if self.spec.tanh:
             t = torch.tanh(x)
             x = t / (2 * t.detach().abs().max().clamp_min(1e-8)) + 0.5

@@ -32,7 +32,9 @@ def prepare_qat(model: nn.Module, *, weight_bits: int, act_bits: int,
     keep. Weights are quantized per output channel, or, with
     weight_group_size=G, Linear weights per group of G inputs (a scale and
     zero point per (output, group); Conv2d weights stay per channel); inputs
-    per tensor (act_signed=False suits inputs that follow a ReLU).
+    per tensor (act_signed=False suits inputs that follow a ReLU), or, with
+    act_preset="dynamic", per token with qparams from the data (torchao's
+    asymmetric per-token formulas; act_signed=True gives its int8 range).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")

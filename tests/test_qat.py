@@ -1,5 +1,6 @@
 """QAT layer: quantizer presets, estimators, curriculum, prepare_qat, convert."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -288,3 +289,41 @@ def test_bad_prepare_qat_config():
         pk.prepare_qat(small_cnn(), weight_bits=2, act_bits=2, estimator="lsq")
     with pytest.raises(ValueError, match="bits"):
         pk.prepare_qat(small_cnn(), weight_bits=0, act_bits=2)
+
+
+def test_dynamic_presets_are_torchaos_per_token_and_per_group_quantizers():
+    qat = pytest.importorskip("torchao.quantization.qat")
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(11))
+    tok = Quantizer(8, preset="dynamic", role="activation", estimator="ste")
+    grp = Quantizer(4, preset="dynamic_symmetric", group_size=32, estimator="ste")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao_tok = qat.IntxFakeQuantizer(qat.IntxFakeQuantizeConfig(torch.int8, "per_token",
+                                                                  is_symmetric=False))
+        ao_grp = qat.IntxFakeQuantizer(qat.IntxFakeQuantizeConfig(torch.int4, group_size=32))
+    assert torch.equal(tok(x), ao_tok(x))
+    assert torch.equal(grp(x[0]), ao_grp(x[0]))
+    assert "per token" in repr(tok) and tok.scale.numel() == 0
+
+
+def test_dynamic_activation_preset_in_prepare_qat_trains_with_the_curriculum():
+    model = pk.prepare_qat(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32),
+                                         nn.ReLU(), nn.Linear(32, 4)),
+                           weight_bits=4, act_bits=8, act_preset="dynamic", act_signed=True,
+                           estimator="pege", lam=1e-3)
+    aq = model[2].act_quant
+    assert aq.spec.dynamic == "asymmetric" and (aq.quant_min, aq.quant_max) == (-128, 127)
+    cur = pk.Curriculum(model, 2, kind="linear")
+    cur.step()
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(12))
+    y = aq(x)
+    mask = pk.replacement_mask(x.shape, 0.5, aq.seed, offset=1)
+    full = pk.fake_quantize_dynamic(x, -128, 127)
+    assert torch.equal(y[mask], full[mask]) and torch.equal(y[~mask], x[~mask])
+    model(torch.randn(8, 16)).sum().backward()
+    assert model[2].weight.grad is not None
+
+
+def test_dynamic_preset_is_not_per_channel():
+    with pytest.raises(ValueError, match="per token or per group"):
+        Quantizer(8, preset="dynamic", axis=0, channels=4)
