@@ -178,6 +178,22 @@ else
   record bench-groups skipped "no GPU or no build"
 fi
 
+# One transformer block's QAT train step, torchao's fake quantizers against
+# PEGEQATConfig's: eager first (a table even if the budget cuts the second),
+# then eager and torch.compile'd.
+train_step=(env PYTHONPATH="$src" "$PY" benchmarks/bench_train_step.py --device cuda
+  --dtype bfloat16 --dim 2048 --heads 16 --batch 8 --seq 2048 --rounds 20
+  --warmup 3)
+if (( gpu && built )) && "$PY" -c 'import torchao' > /dev/null 2>&1; then
+  step bench-train-step 60 1 "${train_step[@]}" --csv "$logs/bench-train-step.csv"
+  step bench-train-step-compiled 150 1 "${train_step[@]}" --compile \
+    --csv "$logs/bench-train-step-compiled.csv"
+else
+  for name in bench-train-step bench-train-step-compiled; do
+    record "$name" skipped "no GPU, no build or no torchao"
+  done
+fi
+
 # ------------------- compile checks without a GPU (lowest priority, cut first)
 # The CUDA kernels' SASS of this build, then every Triton specialization with
 # the machine's own Triton (no venv, no pip: make gpu-compile-check adds the
@@ -207,7 +223,7 @@ fi
   for f in "$logs"/bench-*.log; do
     [ -f "$f" ] || continue
     echo; echo "## $(basename "$f" .log)"
-    grep -E '^(device|\||n/a)' "$f"
+    grep -E '^(device|command|outputs equal|\||n/a)' "$f"
   done
   echo; echo "## checks"
   printf '%s\n' "${checks[@]}"

@@ -86,3 +86,19 @@ def test_history_rows_are_appended_with_date_commit_and_setup(monkeypatch, tmp_p
     assert {r["method"] for r in rows} == {"copy", "double"}
     assert all(r["date"] and r["commit"] and "THP_MEM_ALLOC_ENABLE" in r["setup"]
                and "--history" in r["command"] for r in rows)
+
+
+def test_train_step_bench_prints_table_and_equal_outputs(capsys):
+    """bench_train_step.py on a tiny block, one round on CPU: its table, and
+    torchao's QATConfig and PEGEQATConfig(estimator="ste") outputs equal."""
+    pytest.importorskip("torchao")
+    import bench_train_step
+
+    bench_train_step.main(["--device", "cpu", "--dim", "64", "--heads", "2",
+                           "--batch", "1", "--seq", "16", "--rounds", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "outputs equal torchao: True" in out
+    assert "| variant " in out and "| median ms | min ms | torchao / this |" in out
+    for name in ("full precision", "torchao QATConfig", "pege_kernels ste",
+                 "pege_kernels pege"):
+        assert f"| {name} " in out
