@@ -1,6 +1,7 @@
 # make test   create .venv if missing, install, build, run pytest + CTest, then
-#             the suite again on an installed CPU-only wheel and on a wheel
-#             built with no compiler (the "reference" fallback)
+#             the op, library, error, README and torchao tests again on an
+#             installed CPU-only wheel and on a wheel built with no compiler
+#             (the "reference" fallback)
 # make demo   the main job: STE vs EWGS vs PEGE vs PEGE+EWGS on mnist1d (W2A2, W3A3,
 #             5 seeds, paired differences; runs spread over the cores)
 # make bench  the full CPU benchmark (README's figures)
@@ -41,21 +42,27 @@ pytest: build
 		benchmarks/test_bench_ops.py
 
 # CMake build of the same sources against libtorch (with the CUDA kernels when
-# a toolkit is found) and CTest. libtorch's CUDA targets link NVRTC, which pip
+# a toolkit is found, for sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise:
+# the in-place build covers sm_80 too) and CTest. libtorch's CUDA targets link NVRTC, which pip
 # installs under site-packages/nvidia.
 CMAKE_CUDA_ARGS = $(if $(CUDA_HOME),-DPEGE_WITH_CUDA=ON -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
 	-DCUDAToolkit_ROOT=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc \
 	-DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, os, torch; print((glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "lib", "libnvrtc.so*")) + [""])[0])')")
 ctest: deps
 	mkdir -p build
-	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" $(VENV)/bin/cmake -S . -B build/cmake \
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(VENV)/bin/cmake -S . -B build/cmake \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
 		-DPython3_EXECUTABLE=$(PY) $(CMAKE_CUDA_ARGS) > build/cmake.log 2>&1 || (tail -30 build/cmake.log; false)
 	$(VENV)/bin/cmake --build build/cmake -j 2 >> build/cmake.log 2>&1 || (tail -30 build/cmake.log; false)
 	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
 
 # A fresh venv sharing .venv's packages (torch) through a .pth file; the
-# wheels are installed into it and the suite runs from outside the tree.
+# wheels are installed into it and WHEEL_TESTS run from outside the tree: what
+# depends on how the package was built and installed (ops, registration,
+# errors, the README's code, the torchao drop-in). The interpreted Triton
+# cases are left to `pytest` (the same Python files either way).
+WHEEL_TESTS = $(addprefix ../tests/,test_op.py test_library.py test_errors.py test_readme.py \
+	test_torchao.py test_group_op.py) -k "not triton"
 wheel-check: deps
 	rm -rf build/wheels build/wheel-src $(WHEEL_VENV) && mkdir -p build/wheels/cpu build/wheels/nocc
 	for v in cpu nocc; do mkdir -p build/wheel-src/$$v && tar -c --exclude=./build --exclude=./.venv \
@@ -66,10 +73,10 @@ wheel-check: deps
 	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(WHEEL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps build/wheels/cpu/*.whl
 	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk, torch; assert pk.available_backends() == ["reference", "cpu"], pk.available_backends(); print("smoke:", pk.fake_quantize(torch.randn(4), torch.tensor([0.1]), torch.tensor([0.0]), -8, 7))'
-	cd build && PEGE_EXPECT_CUDA_KERNELS=0 ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider ../tests
+	cd build && PEGE_EXPECT_CUDA_KERNELS=0 ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --force-reinstall build/wheels/nocc/*.whl
 	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk; assert pk.available_backends() == ["reference"], pk.available_backends()'
-	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider ../tests
+	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
 
 # Every Triton kernel specialization compiled ahead of time for sm_80/sm_90
 # and its PTX/SASS checked (no GPU needed): with .venv's Triton, then with
