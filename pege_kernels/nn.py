@@ -116,9 +116,10 @@ class Quantizer(nn.Module, Progressive):
         clipping level alpha, scale = alpha/qmax); "dorefa" (weights: tanh
         normalisation to [0, 1], fixed scale, mapped back to [-1, 1]);
         "minmax" (scale from an EMA of max|x|, not learnt); "dynamic" /
-        "dynamic_symmetric" (no scale state: torchao's asymmetric / symmetric
-        qparams from the data at every call, per token, or per group with
-        group_size; channels unused).
+        "dynamic_symmetric" (no scale state: qparams from the data at every
+        call by torchao's asymmetric / symmetric formulas, per token, or per
+        group with group_size; channels unused; symmetric per token, which
+        torchao does not offer, is the per-group formula over the whole row).
     role: "weight" uses a fixed mask offset (masks nest as the ratio grows);
         "activation" uses offset = the training step (a fresh mask per step).
     """

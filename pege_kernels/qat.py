@@ -34,7 +34,8 @@ def prepare_qat(model: nn.Module, *, weight_bits: int, act_bits: int,
     zero point per (output, group); Conv2d weights stay per channel); inputs
     per tensor (act_signed=False suits inputs that follow a ReLU), or, with
     act_preset="dynamic", per token with qparams from the data (torchao's
-    asymmetric per-token formulas; act_signed=True gives its int8 range).
+    asymmetric per-token formulas; act_signed=True gives its int8 range): a
+    token is a row of the last dimension (of a Conv2d input, a row along W).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")

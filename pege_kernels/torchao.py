@@ -29,7 +29,7 @@ from torchao.quantization.granularity import PerAxis, PerGroup, PerToken
 from torchao.quantization.pt2e import FakeQuantizeBase as PT2EFakeQuantizeBase
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
-from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
+from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, ZeroPointDomain
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from . import reference
@@ -54,11 +54,18 @@ class PEGEFakeQuantizer(IntxFakeQuantizer, Progressive):
         kept;
       range_learning: those first qparams become nn.Parameters (torchao's
         `initialize_fake_quantizers` creates them) and get the gradients of
-        docs/method.md section 5 (LSQ's, reduced per group in the kernel);
-        the zero point is then used as clamp(round(z), qmin, qmax).
+        docs/method.md section 5 (LSQ's, reduced per group in the kernel).
+        Unlike torchao, the zero point is used as clamp(round(z), qmin, qmax)
+        (torchao uses a learned float z as is), and the scale as
+        max(|s|, 1e-9), so an optimizer step through zero stays valid.
+    Symmetric per token (which torchao's IntxFakeQuantizer does not
+    implement) uses the symmetric formula of per-group. Not supported (clear
+    error): zero_point_domain other than INT, scale_precision other than
+    float32, symmetric mapping of an unsigned dtype.
     estimator, lam, delta, seed, role: as pege_kernels.nn.Quantizer; a
     Curriculum drives ratio, lam and step. With estimator "ste" in eval mode
     or at ratio 1 the forward equals torchao's IntxFakeQuantizer bit for bit.
+    Qparams are kept in torchao's dtypes (zero_point_precision).
     """
 
     def __init__(self, config: IntxFakeQuantizeConfig, *, estimator: str = "pege",
@@ -71,14 +78,21 @@ class PEGEFakeQuantizer(IntxFakeQuantizer, Progressive):
                 (isinstance(config.granularity, PerAxis) and config.granularity.axis != 0):
             raise ValueError(f"granularity must be per token, per group or PerAxis(0), "
                              f"got {config.granularity}")
+        if config.zero_point_domain != ZeroPointDomain.INT or \
+                config.scale_precision != torch.float32:
+            raise ValueError(f"PEGEFakeQuantizer supports zero_point_domain INT and "
+                             f"scale_precision float32, got {config.zero_point_domain} and "
+                             f"{config.scale_precision}")
+        if config.is_symmetric and _DTYPE_TO_QVALUE_BOUNDS[config.dtype][0] >= 0:
+            raise ValueError(f"symmetric mapping needs a signed dtype, got {config.dtype}")
         check_estimator_args(estimator, lam, delta, role)
         super().__init__(config)
         self.estimator, self.lam, self.delta, self.seed, self.role = (
             estimator, float(lam), float(delta), int(seed), role)
         self.backend = backend
 
-    def extra_repr(self) -> str:
-        return f"estimator={self.estimator}, role={self.role}"
+    def __repr__(self) -> str:
+        return f"PEGEFakeQuantizer({self.config}, estimator={self.estimator}, role={self.role})"
 
     def _group_size(self, x: torch.Tensor) -> int | None:
         g = self.config.granularity
@@ -100,14 +114,15 @@ class PEGEFakeQuantizer(IntxFakeQuantizer, Progressive):
                   backend=self.backend)
         if self._should_compute_qparams():
             with torch.no_grad():
-                self.scale, self.zero_point = reference.group_qparams(
-                    x, qmin, qmax, g, self.config.is_symmetric, self.config.eps)
+                s, z = reference.group_qparams(x, qmin, qmax, g, self.config.is_symmetric,
+                                               self.config.eps)
+            self.scale, self.zero_point = s, z.to(self.config.zero_point_precision)
             self._maybe_update_qparams_for_range_learning()
+        z = self.zero_point.float()
         if self.config.range_learning:
-            return fake_quantize(x, self.scale, self.zero_point, qmin, qmax,
+            return fake_quantize(x, self.scale.abs().clamp_min(self._scale_eps), z, qmin, qmax,
                                  group_size=g or x.shape[-1], **kw)
-        return fake_quantize_fixed(x, self.scale, self.zero_point, qmin, qmax, group_size=g,
-                                   **kw)
+        return fake_quantize_fixed(x, self.scale, z, qmin, qmax, group_size=g, **kw)
 
 
 @dataclass
@@ -121,9 +136,12 @@ class PEGEQATConfig(AOBaseConfig):
         "per_token", is_symmetric=False).
     estimator: "pege" | "pege+ewgs" | "ewgs" | "ste"; lam, delta as in
         pege_kernels.nn.Quantizer.
-    seed: each quantizer's mask seed is quantizer_seed(seed, index), index
-        counting the quantizers this config created (in quantize_'s module
-        order), so every process preparing the same model gets the same masks.
+    seed: each quantizer's mask seed is quantizer_seed(seed, 2^32 + index),
+        index counting the quantizers this config object created (in
+        quantize_'s module order), so every process preparing the same model
+        gets the same masks, and they differ from prepare_qat's for the same
+        seed. Use a fresh config per quantize_ call, and a distinct seed for
+        each config applied to one model.
     Convert with torchao's `QATConfig(base_config, step="convert")`.
     """
     weight_config: IntxFakeQuantizeConfig | None = None
@@ -143,7 +161,7 @@ class PEGEQATConfig(AOBaseConfig):
     def quantizer(self, config, role: str) -> PEGEFakeQuantizer | None:
         if config is None:
             return None
-        seed = quantizer_seed(self.seed, self._created)
+        seed = quantizer_seed(self.seed, (1 << 32) + self._created)
         self._created += 1
         return PEGEFakeQuantizer(config, estimator=self.estimator, lam=self.lam,
                                  delta=self.delta, seed=seed, role=role, backend=self.backend)
@@ -184,6 +202,11 @@ class PEGEPT2EFakeQuantize(AOFakeQuantize, PT2EFakeQuantizeBase):
 
     def __init__(self, *, dtype: torch.dtype | None = None, qscheme=torch.per_tensor_affine,
                  is_dynamic: bool = False, **kwargs):
+        qscheme = torch.per_tensor_affine if qscheme is None else qscheme
+        if kwargs.get("quant_min") is None and kwargs.get("quant_max") is None and \
+                "bits" not in kwargs and dtype in (torch.int8, torch.uint8, torch.int16):
+            kwargs["quant_min"], kwargs["quant_max"] = torch.iinfo(dtype).min, \
+                torch.iinfo(dtype).max  # the spec's dtype, whole
         if qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
             raise ValueError(f"PEGEPT2EFakeQuantize is per tensor; got qscheme {qscheme}")
         if is_dynamic:

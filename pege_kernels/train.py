@@ -298,7 +298,10 @@ def hyperparameters(cfg, est):
     if est.startswith("pege"):
         keys += ["rho" if cfg.lam is None and cfg.task != "lm" else "lam",
                  "curriculum_frac", "k"]
-    return {k: getattr(cfg, k) for k in keys}
+    hp = {k: getattr(cfg, k) for k in keys}
+    if "lam" in hp and hp["lam"] is None:
+        hp["lam"] = 0.0  # what the op gets
+    return hp
 
 
 def candidates(args, est, n):
@@ -572,6 +575,15 @@ def parse_args(argv=None):
     bad = [e for e in args.estimator_list if e not in ESTIMATORS]
     if bad:
         ap.error(f"unknown estimator(s) {bad}; choose from {', '.join(ESTIMATORS)}")
+    if args.task == "lm":
+        dim = data.ByteLM().embed.embedding_dim
+        if args.rho:
+            ap.error("--rho is for the image tasks; --task lm takes the raw --lam")
+        if any(not (1 <= w <= 8 and 2 <= a <= 8) for w, a in args.bit_pairs):
+            ap.error(f"--task lm needs weight bits in 1..8 and activation bits in 2..8, "
+                     f"got {args.bits!r}")
+        if args.group_size < 1 or dim % args.group_size:
+            ap.error(f"--group-size must divide the model's width {dim}, got {args.group_size}")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     args.tune_seed_list = [int(s) for s in args.tune_seeds.split(",")]
     if not 0 < args.val_frac < 1:

@@ -117,11 +117,13 @@ def stratified_split(y: torch.Tensor, frac: float, seed: int = 0):
 
 def stdlib_splits():
     """The stdlib corpus's files by split: every .py file directly in this
-    Python's standard library directory (sysconfig's "stdlib"), by name; a
-    file goes to test when crc32(name) % 10 == 0, to validation when it is
-    1, to train otherwise (about 80/10/10, the same on every machine with
-    the same Python)."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    Python's standard library directory (sysconfig's "stdlib", e.g.
+    lib/python3.11), by name, except the generated _sysconfigdata*.py (it
+    holds this installation's paths); a file goes to test when crc32(name) %
+    10 == 0, to validation when it is 1, to train otherwise (about 80/10/10,
+    the same wherever the same Python version is installed)."""
+    files = sorted(f for f in Path(sysconfig.get_paths()["stdlib"]).glob("*.py")
+                   if not f.name.startswith("_sysconfigdata"))
     splits = {"train": [], "val": [], "test": []}
     for f in files:
         h = zlib.crc32(f.name.encode()) % 10

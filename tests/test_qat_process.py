@@ -45,8 +45,7 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
 def test_fsdp2_two_ranks_match_single_process(tmp_path):
     """fully_shard (FSDP2) on gloo: one step of a model carrying the package's
     LSQ quantizers and the torchao drop-in's per-group / per-token ones equals
-    the single-process step on the whole batch (at r = 1, lam = 0, as for DDP);
-    weight masks never depend on the rank."""
+    the single-process step on the whole batch (at r = 1, lam = 0, as for DDP)."""
     pytest.importorskip("torchao")
     init = tmp_path / "init"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -228,6 +228,11 @@ def test_stdlib_splits_are_disjoint_fixed_and_by_file():
     names = [{f.name for f in files} for files in splits.values()]
     assert all(names) and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
     assert splits == train_data.stdlib_splits()
+    where = {f.name: k for k, files in splits.items() for f in files}
+    # crc32(name) % 10: random.py 0 (test), dataclasses.py 1 (val), argparse.py 5 (train)
+    assert (where["random.py"], where["dataclasses.py"], where["argparse.py"]) == (
+        "test", "val", "train")
+    assert not any(n.startswith("_sysconfigdata") for n in where)
     (xa, ya), val, test = train_data.load_stdlib(64, ctx=16)
     assert xa.shape == ya.shape == (64, 16) and val[0].shape == test[0].shape == (8, 16)
     assert torch.equal(xa[:, 1:], ya[:, :-1])  # y is x shifted by one byte
