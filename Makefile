@@ -32,12 +32,14 @@ $(VENV)/.deps: requirements-dev.txt
 deps: $(VENV)/.deps
 
 build: deps
+	@date +"== $@ %T"
 	PEGE_REQUIRE_EXTENSION=1 $(PY) setup.py -q build_ext --inplace
 
 test: build pytest ctest wheel-check gpu-compile-check
 
 # Where a CUDA toolkit is found, the default build must carry the CUDA kernels.
 pytest: build
+	@date +"== $@ %T"
 	PYTHONPATH=$(CURDIR) $(if $(CUDA_HOME),PEGE_EXPECT_CUDA_KERNELS=1) $(PY) -m pytest -q tests \
 		benchmarks/test_bench_ops.py
 
@@ -49,6 +51,7 @@ CMAKE_CUDA_ARGS = $(if $(CUDA_HOME),-DPEGE_WITH_CUDA=ON -DCUDA_TOOLKIT_ROOT_DIR=
 	-DCUDAToolkit_ROOT=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc \
 	-DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, os, torch; print((glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "lib", "libnvrtc.so*")) + [""])[0])')")
 ctest: deps
+	@date +"== $@ %T"
 	mkdir -p build
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(VENV)/bin/cmake -S . -B build/cmake \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
@@ -64,6 +67,7 @@ ctest: deps
 WHEEL_TESTS = $(addprefix ../tests/,test_op.py test_library.py test_errors.py test_readme.py \
 	test_torchao.py test_group_op.py) -k "not triton"
 wheel-check: deps
+	@date +"== $@ %T"
 	rm -rf build/wheels build/wheel-src $(WHEEL_VENV) && mkdir -p build/wheels/cpu build/wheels/nocc
 	for v in cpu nocc; do mkdir -p build/wheel-src/$$v && tar -c --exclude=./build --exclude=./.venv \
 		--exclude=./.git --exclude=./results --exclude='*.so' . | tar -x -C build/wheel-src/$$v; done
@@ -84,6 +88,7 @@ wheel-check: deps
 # torch through a .pth file. The Triton cache keys hold source and options.
 TRITON36_VENV := build/venv-triton36
 gpu-compile-check: deps
+	@date +"== $@ %T"
 	$(PY) tests/gpu_compile/triton_compile_check.py --cache-dir build/triton-aot-cache
 	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
 	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(TRITON36_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
