@@ -18,6 +18,9 @@ export CUDA_HOME
 export THP_MEM_ALLOC_ENABLE ?= 1
 WHEEL_VENV := build/venv-wheel
 OUT ?= results
+# pytest worker processes (pytest-xdist; a test file stays in one worker)
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: all deps build test pytest ctest wheel-check demo bench gpu-check gpu-compile-check clean
 
@@ -40,7 +43,7 @@ test: build pytest ctest wheel-check gpu-compile-check
 # Where a CUDA toolkit is found, the default build must carry the CUDA kernels.
 pytest: build
 	@date +"== $@ %T"
-	PYTHONPATH=$(CURDIR) $(if $(CUDA_HOME),PEGE_EXPECT_CUDA_KERNELS=1) $(PY) -m pytest -q tests \
+	PYTHONPATH=$(CURDIR) $(if $(CUDA_HOME),PEGE_EXPECT_CUDA_KERNELS=1) $(PY) -m pytest -q $(PYTEST_XDIST) tests \
 		benchmarks/test_bench_ops.py
 
 # CMake build of the same sources against libtorch (with the CUDA kernels when
@@ -77,15 +80,15 @@ wheel-check: deps
 	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(WHEEL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps build/wheels/cpu/*.whl
 	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk, torch; assert pk.available_backends() == ["reference", "cpu"], pk.available_backends(); print("smoke:", pk.fake_quantize(torch.randn(4), torch.tensor([0.1]), torch.tensor([0.0]), -8, 7))'
-	cd build && PEGE_EXPECT_CUDA_KERNELS=0 ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
+	cd build && PEGE_EXPECT_CUDA_KERNELS=0 ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_XDIST) $(WHEEL_TESTS)
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --force-reinstall build/wheels/nocc/*.whl
 	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk; assert pk.available_backends() == ["reference"], pk.available_backends()'
-	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
+	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_XDIST) $(WHEEL_TESTS)
 
 # Every Triton kernel specialization compiled ahead of time for sm_80/sm_90
-# and its PTX/SASS checked (no GPU needed): with .venv's Triton, then with
-# Triton 3.6 (the GPU machines' version) in a side venv that shares .venv's
-# torch through a .pth file. The Triton cache keys hold source and options.
+# and its PTX/SASS checked (no GPU needed): with .venv's Triton, then for
+# sm_90 with Triton 3.6 (the GPU machines' version: H200) in a side venv that
+# shares .venv's torch through a .pth file. The Triton cache keys hold source and options.
 TRITON36_VENV := build/venv-triton36
 gpu-compile-check: deps
 	@date +"== $@ %T"
@@ -94,7 +97,7 @@ gpu-compile-check: deps
 	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(TRITON36_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
 	$(TRITON36_VENV)/bin/python -c 'import triton; assert triton.__version__ == "3.6.0"' 2>/dev/null \
 		|| $(TRITON36_VENV)/bin/python -m pip install -q --ignore-installed --no-deps triton==3.6.0
-	$(TRITON36_VENV)/bin/python tests/gpu_compile/triton_compile_check.py --cache-dir build/triton-aot-cache
+	$(TRITON36_VENV)/bin/python tests/gpu_compile/triton_compile_check.py --arch 90 --cache-dir build/triton-aot-cache
 
 demo: build
 	PYTHONPATH=$(CURDIR) $(PY) -m pege_kernels.train --dataset mnist1d --bits 2/2,3/3 \
