@@ -18,9 +18,9 @@ export CUDA_HOME
 export THP_MEM_ALLOC_ENABLE ?= 1
 WHEEL_VENV := build/venv-wheel
 OUT ?= results
-# pytest worker processes (pytest-xdist; a test file stays in one worker)
+# pytest worker processes (pytest-xdist)
 PYTEST_WORKERS ?= 2
-PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist load
 
 .PHONY: all deps build test pytest ctest wheel-check demo bench gpu-check gpu-compile-check clean
 
@@ -46,11 +46,14 @@ pytest: build
 	PYTHONPATH=$(CURDIR) $(if $(CUDA_HOME),PEGE_EXPECT_CUDA_KERNELS=1) $(PY) -m pytest -q $(PYTEST_XDIST) tests \
 		benchmarks/test_bench_ops.py
 
-# CMake build of the same sources against libtorch (with the CUDA kernels when
-# a toolkit is found, for sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise:
-# the in-place build covers sm_80 too) and CTest. libtorch's CUDA targets link NVRTC, which pip
-# installs under site-packages/nvidia.
-CMAKE_CUDA_ARGS = $(if $(CUDA_HOME),-DPEGE_WITH_CUDA=ON -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
+# CMake build of the same sources against libtorch and CTest: CPU kernels, and
+# with CMAKE_CUDA=1 the CUDA kernels too (for sm_90 unless TORCH_CUDA_ARCH_LIST
+# says otherwise; make test leaves them to the in-place build, which compiles
+# and checks them for sm_80 and sm_90). libtorch's CUDA targets link NVRTC,
+# which pip installs under site-packages/nvidia.
+CMAKE_CUDA ?= 0
+# libtorch's CMake config needs the toolkit even when only the CPU kernels build.
+CMAKE_CUDA_ARGS = $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
 	-DCUDAToolkit_ROOT=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc \
 	-DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, os, torch; print((glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "lib", "libnvrtc.so*")) + [""])[0])')")
 ctest: deps
@@ -58,7 +61,9 @@ ctest: deps
 	mkdir -p build
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(VENV)/bin/cmake -S . -B build/cmake \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-		-DPython3_EXECUTABLE=$(PY) $(CMAKE_CUDA_ARGS) > build/cmake.log 2>&1 || (tail -30 build/cmake.log; false)
+		-DPython3_EXECUTABLE=$(PY) $(CMAKE_CUDA_ARGS) \
+		-DPEGE_WITH_CUDA=$(if $(and $(CUDA_HOME),$(filter 1,$(CMAKE_CUDA))),ON,OFF) \
+		> build/cmake.log 2>&1 || (tail -30 build/cmake.log; false)
 	$(VENV)/bin/cmake --build build/cmake -j 2 >> build/cmake.log 2>&1 || (tail -30 build/cmake.log; false)
 	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
 
@@ -80,10 +85,10 @@ wheel-check: deps
 	$(PY) -c 'import site; print(site.getsitepackages()[0])' > $$($(WHEEL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/shared-dev-venv.pth
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps build/wheels/cpu/*.whl
 	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk, torch; assert pk.available_backends() == ["reference", "cpu"], pk.available_backends(); print("smoke:", pk.fake_quantize(torch.randn(4), torch.tensor([0.1]), torch.tensor([0.0]), -8, 7))'
-	cd build && PEGE_EXPECT_CUDA_KERNELS=0 ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_XDIST) $(WHEEL_TESTS)
+	cd build && PEGE_EXPECT_CUDA_KERNELS=0 ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --force-reinstall build/wheels/nocc/*.whl
 	cd build && ../$(WHEEL_VENV)/bin/python -c 'import pege_kernels as pk; assert pk.available_backends() == ["reference"], pk.available_backends()'
-	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_XDIST) $(WHEEL_TESTS)
+	cd build && ../$(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
 
 # Every Triton kernel specialization compiled ahead of time for sm_80/sm_90
 # and its PTX/SASS checked (no GPU needed): with .venv's Triton, then for
