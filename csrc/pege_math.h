@@ -187,6 +187,74 @@ PEGE_HD Channel make_channel(float s, float z, float qmin, float qmax, bool as_i
   return Channel{s, 1.0f / s, zi};
 }
 
+// ------------------------------------------------------- dynamic qparams
+// A group's (s, z) derived from its values (fake_quant_dynamic; docs/method.md
+// "Per-group and per-token"), with torchao 0.18's arithmetic: every step in
+// x's dtype, i.e. computed in fp32 and rounded to it (Round), in torch's order.
+enum Mapping : int {
+  kAsymmetric = 0,       // choose_qparams_affine: range includes 0, integer z
+  kSymmetric = 1,        // max(-lo, hi) / (width / 2), z fixed
+  kAsymmetricGroup = 2,  // groupwise: lo .. hi, z = lo + s * (width + 1) / 2
+};
+
+struct Dynamic {
+  int mapping;
+  float divisor;        // width = qmax - qmin, or width / 2 (symmetric)
+  float inv_divisor;    // 1.0f / divisor
+  bool by_reciprocal;   // torch on CUDA divides by a Python number as a * (1 / d)
+  float eps;            // minimum scale, in x's dtype
+  float mid;            // (width + 1) / 2
+  float z_symmetric;    // int((qmax + qmin + 1) / 2)
+};
+
+// float -> int32 -> float as x86 converts (cvttss2si): truncation; NaN, inf
+// and values outside int32 give -2^31 (torchao's zero_point.to(int32)).
+PEGE_HD float trunc_int32(float z) {
+  const bool ok = z >= -2147483648.0f && z < 2147483648.0f;  // false for NaN
+#if defined(__CUDA_ARCH__)
+  return ok ? truncf(z) : -2147483648.0f;
+#else
+  return ok ? __builtin_truncf(z) : -2147483648.0f;
+#endif
+}
+
+// Clamp that keeps a NaN, as torch.clamp does.
+PEGE_HD float clamp_nan(float v, float lo, float hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// (s, z) of a group whose min and max are lo and hi (NaN when the group
+// holds a NaN: torch's amin / amax propagate it). `in_dtype` maps an fp32 value
+// to x's dtype and back.
+template <typename Round>
+PEGE_HD void dynamic_qparams(float lo, float hi, const Dynamic& d, float qmin, float qmax,
+                             Round in_dtype, float& s_out, float& z_out) {
+  if (d.mapping != kAsymmetricGroup) {  // torch.min(lo, 0), torch.max(hi, 0)
+    lo = lo > 0.0f ? 0.0f : lo;
+    hi = hi < 0.0f ? 0.0f : hi;
+  }
+  float range;
+  if (d.mapping == kSymmetric) {
+    const float nlo = -lo;
+    range = nlo != nlo ? nlo : (nlo > hi ? nlo : hi);  // torch.max(-lo, hi)
+  } else {
+    range = in_dtype(hi - lo);
+  }
+  float s = in_dtype(d.by_reciprocal ? range * d.inv_divisor : range / d.divisor);
+  s = s < d.eps ? d.eps : s;  // torch.clamp(min=eps); NaN stays
+  float z;
+  if (d.mapping == kSymmetric) {
+    z = d.z_symmetric;
+  } else if (d.mapping == kAsymmetric) {
+    const float r = in_dtype(round_half_even(in_dtype(lo / s)));
+    z = clamp_nan(in_dtype(qmin - r), qmin, qmax);
+  } else {
+    z = in_dtype(lo + in_dtype(s * d.mid));
+  }
+  s_out = s;
+  z_out = trunc_int32(z);
+}
+
 // Everything the forward and backward need of one element.
 struct Quant {
   float q;     // (c - zi) * s

@@ -79,6 +79,8 @@ using BwdLauncher = void (*)(const at::Tensor&, const at::Tensor&, const at::Ten
                              const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
                              bool, const QuantParams&);
 using MaskLauncher = void (*)(at::Tensor&, const QuantParams&);
+using DynamicLauncher = void (*)(const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                 const QuantParams&, const Dynamic&);
 
 template <FwdLauncher launch>
 at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale,
@@ -116,6 +118,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(
   return {dx, ds, dz};
 }
 
+// x viewed as groups of group_size consecutive elements of the last
+// dimension; returns (y, scale, zero_point), the qparams float32 of shape
+// x.shape[:-1] + (x.shape[-1] / group_size,). kCuda: torch on CUDA divides by
+// a Python number as a * (1 / d), which the qparams reproduce.
+template <DynamicLauncher launch, bool kCuda>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_dynamic(
+    const at::Tensor& x, int64_t quant_min, int64_t quant_max, int64_t threshold,
+    int64_t seed, int64_t offset, int64_t group_size, int64_t mapping, double eps, double lam,
+    double delta) {
+  TORCH_CHECK(x.dim() >= 1, "pege: x must have at least one dimension, got a 0-dim tensor");
+  TORCH_CHECK(group_size >= 1 && x.size(-1) % group_size == 0, "pege: group_size ",
+              group_size, " must be >= 1 and divide x.shape[-1] = ", x.size(-1));
+  TORCH_CHECK(mapping >= kAsymmetric && mapping <= kAsymmetricGroup,
+              "pege: mapping must be 0, 1 or 2, got ", mapping);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "pege: eps must be finite and > 0, got ", eps);
+  auto shape = x.sizes().vec();
+  shape.back() = x.size(-1) / group_size;
+  auto scale = at::empty(shape, x.options().dtype(at::kFloat));
+  auto zero_point = at::empty(shape, x.options().dtype(at::kFloat));
+  const auto xc = x.contiguous();
+  const auto p = make_params(xc.view({-1, group_size}), scale, zero_point, quant_min,
+                             quant_max, threshold, seed, offset, 0, lam, delta, 1.0, true);
+  const float width = static_cast<float>(quant_max - quant_min);
+  Dynamic d{};
+  d.mapping = static_cast<int>(mapping);
+  d.divisor = mapping == kSymmetric ? width / 2 : width;
+  d.inv_divisor = 1.0f / d.divisor;
+  d.by_reciprocal = kCuda;
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    d.eps = static_cast<float>(static_cast<decltype(tag)>(static_cast<float>(eps)));
+  });
+  d.mid = (width + 1) / 2;
+  d.z_symmetric = std::trunc((quant_max + quant_min + 1) / 2.0f);
+  auto y = new_output(x);
+  if (p.numel > 0) launch(xc, y, scale, zero_point, p, d);
+  return {y, scale, zero_point};
+}
+
 template <MaskLauncher launch>
 at::Tensor replacement_mask(const at::Tensor& like, int64_t threshold, int64_t seed,
                             int64_t offset) {
@@ -146,6 +186,10 @@ TORCH_LIBRARY(pege, m) {
       "bool zero_point_as_is=False) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("replacement_mask(Tensor like, int threshold, int seed, int offset) -> Tensor");
+  m.def(
+      "fake_quant_dynamic(Tensor x, int quant_min, int quant_max, int threshold, int seed, "
+      "int offset, int group_size, int mapping, float eps, float lam, float delta) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("release_cpu_cache() -> int", &release_cpu_cache);
 }
 
@@ -153,6 +197,7 @@ TORCH_LIBRARY_IMPL(pege, CPU, m) {
   m.impl("fake_quant", &fake_quant<fake_quant_cpu>);
   m.impl("fake_quant_backward", &fake_quant_backward<fake_quant_backward_cpu>);
   m.impl("replacement_mask", &replacement_mask<replacement_mask_cpu>);
+  m.impl("fake_quant_dynamic", &fake_quant_dynamic<fake_quant_dynamic_cpu, false>);
 }
 
 #ifdef PEGE_WITH_CUDA
@@ -160,6 +205,7 @@ TORCH_LIBRARY_IMPL(pege, CUDA, m) {
   m.impl("fake_quant", &fake_quant<fake_quant_cuda>);
   m.impl("fake_quant_backward", &fake_quant_backward<fake_quant_backward_cuda>);
   m.impl("replacement_mask", &replacement_mask<replacement_mask_cuda>);
+  m.impl("fake_quant_dynamic", &fake_quant_dynamic<fake_quant_dynamic_cuda, true>);
 }
 #endif
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "pege_math.h"
+
 namespace pege {
 
 // Calls f(T{}) with T the C++ type of x's dtype (fp32, fp16, bf16).
@@ -52,6 +54,11 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                              at::Tensor& dscale, at::Tensor& dzero_point,
                              bool qparam_grad, const QuantParams& p);
 void replacement_mask_cpu(at::Tensor& mask, const QuantParams& p);
+// y = m ? Q(x) : x with each group's (s, z) derived from its values, written
+// to scale and zero_point. x contiguous, viewed as p.channels groups of
+// p.inner elements; y, scale, zero_point preallocated.
+void fake_quant_dynamic_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& scale,
+                            at::Tensor& zero_point, const QuantParams& p, const Dynamic& d);
 
 #ifdef PEGE_WITH_CUDA
 void fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
@@ -63,6 +70,8 @@ void fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                               at::Tensor& dscale, at::Tensor& dzero_point,
                               bool qparam_grad, const QuantParams& p);
 void replacement_mask_cuda(at::Tensor& mask, const QuantParams& p);
+void fake_quant_dynamic_cuda(const at::Tensor& x, at::Tensor& y, at::Tensor& scale,
+                             at::Tensor& zero_point, const QuantParams& p, const Dynamic& d);
 #endif
 
 }  // namespace pege

@@ -123,8 +123,8 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, quant_min: int, quant_max:
 def fake_quantize_dynamic(x: torch.Tensor, quant_min: int, quant_max: int, *,
                           group_size: int | None = None, symmetric: bool = False, eps=None,
                           ratio: float = 1.0, seed: int = 0, offset: int = 0,
-                          lam: float = 0.0, delta: float = 0.0,
-                          backend: str = "auto") -> torch.Tensor:
+                          lam: float = 0.0, delta: float = 0.0, return_qparams: bool = False,
+                          backend: str = "auto"):
     """PEGE fake quantization with qparams derived from the data: a scale and
     zero point per group of group_size consecutive elements of the last
     dimension, or per token (group_size=None: the whole last dimension), by
@@ -133,37 +133,48 @@ def fake_quantize_dynamic(x: torch.Tensor, quant_min: int, quant_max: int, *,
     gradients flow to x only. ratio, seed, offset, lam and delta as in
     fake_quantize.
 
-    The qparams come from a reduction in plain torch ops (reference.
-    group_qparams); quantize, mask and blend then run in the backend's fused
-    kernel, forward and backward.
+    The fused backends reduce each group's min / max, derive its (s, z) and
+    quantize, mask and blend it in one pass over x. Returns y, or (y, scale,
+    zero_point) with return_qparams (float32, x.shape[:-1] + (K // G,); the
+    zero points are integers).
     """
-    validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta, 1.0)
-    group_size_of(x, group_size)
-    with torch.no_grad():
-        scale, zero_point = reference.group_qparams(x, quant_min, quant_max, group_size,
-                                                    symmetric, eps)
-    return fake_quantize_fixed(x, scale, zero_point, quant_min, quant_max,
-                               group_size=group_size, ratio=ratio, seed=seed, offset=offset,
-                               lam=lam, delta=delta, backend=backend)
+    threshold = validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta, 1.0)
+    g = group_size_of(x, group_size)
+    mapping = reference.dynamic_mapping(group_size, symmetric)
+    eps = reference.dynamic_eps(eps, x.dtype, mapping)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        s, z = reference.dynamic_qparams(x, quant_min, quant_max, g, mapping, eps)
+        y = _fixed(name, x, s, z, quant_min, quant_max, g, threshold, seed, offset, lam, delta)
+    else:
+        y, s, z = ops.namespace(name).fake_quant_dynamic(x, quant_min, quant_max, threshold,
+                                                         seed, offset, g, mapping, eps,
+                                                         float(lam), float(delta))
+    return (y, s, z) if return_qparams else y
 
 
 def fake_quantize_fixed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                         quant_min: int, quant_max: int, *, group_size: int | None = None,
                         ratio: float = 1.0, seed: int = 0, offset: int = 0, lam: float = 0.0,
                         delta: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    """fake_quantize_dynamic's second half: per-group (or per-token, group_size
-    None) qparams given as constants (no gradient reaches them), the zero
-    point used as is (not rounded or clamped). For qparams computed once from
-    data and then kept (torchao's is_dynamic=False)."""
+    """fake_quantize_dynamic with per-group (or per-token, group_size None)
+    qparams given as constants (no gradient reaches them), the zero point used
+    as is (not rounded or clamped). For qparams computed once from data and
+    then kept (torchao's is_dynamic=False)."""
     threshold = validate_args(x, quant_min, quant_max, ratio, seed, offset, lam, delta, 1.0)
     g = group_size_of(x, group_size)
     check_group_qparams(x, scale, zero_point, g)
-    scale, zero_point = scale.detach(), zero_point.detach()
-    name = resolve_backend(backend, x.device)
+    return _fixed(resolve_backend(backend, x.device), x, scale.detach(), zero_point.detach(),
+                  quant_min, quant_max, g, threshold, seed, offset, lam, delta)
+
+
+def _fixed(name, x, scale, zero_point, quant_min, quant_max, g, threshold, seed, offset, lam,
+           delta):
+    """y with constant per-group qparams on backend `name` (arguments checked)."""
     if name == "reference":
         return reference.FakeQuantizeDynamic.apply(x, scale, zero_point, quant_min, quant_max,
-                                                   threshold, seed, offset, group_size,
-                                                   float(lam), float(delta))
+                                                   threshold, seed, offset, g, float(lam),
+                                                   float(delta))
     # Group j of the row-major order is channel j of x viewed as (groups, g).
     y = ops.namespace(name).fake_quant(x.reshape(-1, g), scale.reshape(-1),
                                        zero_point.reshape(-1), quant_min, quant_max,

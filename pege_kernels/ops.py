@@ -12,6 +12,14 @@ pege_triton:: from triton_fq.py):
                         qparam_grad, zero_point_as_is=False)
         -> (dx, dscale, dzero_point)
     replacement_mask(like, threshold, seed, offset) -> bool mask of like's shape
+    fake_quant_dynamic(x, quant_min, quant_max, threshold, seed, offset,
+                       group_size, mapping, eps, lam, delta) -> (y, scale, zero_point)
+
+fake_quant_dynamic derives each group's (s, z) from its values in the same
+pass (mapping: reference.ASYMMETRIC, SYMMETRIC or ASYMMETRIC_GROUP; eps the
+minimum scale) and returns them (float32, x.shape[:-1] + (K // group_size,));
+its backward is fake_quant_backward on x viewed as (groups, group_size) with
+those qparams as constants (no gradient to them).
 
 zero_point_as_is: the zero points are integers derived from the data
 (fake_quantize_dynamic), used without rounding or clamping.
@@ -98,6 +106,47 @@ def _replacement_mask_fake(like, threshold, seed, offset):
     return like.new_empty(like.shape, dtype=torch.bool)
 
 
+def _fake_quant_dynamic_fake(x, quant_min, quant_max, threshold, seed, offset, group_size,
+                             mapping, eps, lam, delta):
+    torch._check(x.dim() >= 1, lambda: "x must have at least one dimension, got a 0-dim tensor")
+    torch._check(group_size >= 1 and x.shape[-1] % group_size == 0,
+                 lambda: f"group_size {group_size} must be >= 1 and divide x.shape[-1] = "
+                         f"{x.shape[-1]}")
+    torch._check(mapping in (0, 1, 2), lambda: f"mapping must be 0, 1 or 2, got {mapping}")
+    torch._check(eps > 0, lambda: f"eps must be > 0, got {eps}")
+    shape = x.shape[:-1] + (x.shape[-1] // group_size,)
+    qparam = x.new_empty(shape, dtype=torch.float32)
+    check_op_args(x.reshape(-1, group_size), qparam.reshape(-1), qparam.reshape(-1), quant_min,
+                  quant_max, threshold, seed, offset, 0, lam, delta)
+    return x.new_empty(x.shape), qparam, x.new_empty(shape, dtype=torch.float32)
+
+
+def _register_dynamic(ns: str, backward_op) -> None:
+    """Fake and autograd of fake_quant_dynamic: the qparams are outputs
+    without gradient; dx comes from backward_op (the namespace's
+    fake_quant_backward) with them as constants, zero points as they are."""
+    torch.library.register_fake(f"{ns}::fake_quant_dynamic")(_fake_quant_dynamic_fake)
+
+    def setup_context(ctx, inputs, output):
+        x, quant_min, quant_max, threshold, seed, offset, group_size, _, _, lam, delta = inputs
+        _, scale, zero_point = output
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.mark_non_differentiable(scale, zero_point)
+        ctx.args = (quant_min, quant_max, threshold, seed, offset, 0, lam, delta, 1.0, False,
+                    True)
+        ctx.group_size = group_size
+
+    def backward(ctx, grad, _grad_scale, _grad_zero_point):
+        x, scale, zero_point = ctx.saved_tensors
+        g = ctx.group_size
+        dx = backward_op(grad.reshape(-1, g), x.reshape(-1, g), scale.reshape(-1),
+                         zero_point.reshape(-1), *ctx.args)[0]
+        return (dx.reshape(x.shape),) + (None,) * 10
+
+    torch.library.register_autograd(f"{ns}::fake_quant_dynamic", backward,
+                                    setup_context=setup_context)
+
+
 def _register(ns: str) -> None:
     """Fakes and autograd of the ops in namespace `ns`."""
     ops = getattr(torch.ops, ns)
@@ -127,6 +176,8 @@ def _register(ns: str) -> None:
                 *([None] * (len(need) - 3)))
 
     torch.library.register_autograd(f"{ns}::fake_quant", backward, setup_context=setup_context)
+    if hasattr(ops, "fake_quant_dynamic"):
+        _register_dynamic(ns, backward_op)
 
 
 if HAS_EXTENSION:

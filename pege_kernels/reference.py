@@ -219,43 +219,85 @@ def _trunc_int32(z: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, torch.trunc(zd), float(_INT32_MIN)).float()
 
 
-@torch.no_grad()
-def group_qparams(x: torch.Tensor, quant_min: int, quant_max: int,
-                  group_size: int | None = None, symmetric: bool = False, eps=None):
-    """Dynamic (data-derived) scale and zero point of each group, with torchao
-    0.18 IntxFakeQuantizer's arithmetic (docs/method.md, "Per-group and per-token").
+# How fake_quant_dynamic derives a group's (s, z) (docs/method.md, "Per-group
+# and per-token"): torchao 0.18's three formulas.
+ASYMMETRIC = 0        # choose_qparams_affine: range includes 0, integer zero point
+SYMMETRIC = 1         # max(-lo, hi) / ((qmax - qmin) / 2), fixed zero point
+ASYMMETRIC_GROUP = 2  # get_groupwise_affine_qparams: min..max, zero point lo + s * mid
 
-    x: float32/float16/bfloat16. group_size None: per token (G = x.shape[-1]).
-    The reductions and the scale run in x's dtype, as torchao's do; eps
-    (minimum scale) defaults to 1e-6 for asymmetric per-group and to
-    torch.finfo(x.dtype).smallest_normal otherwise. Returns (scale,
-    zero_point), float32 tensors of shape x.shape[:-1] + (K // G,);
-    zero_point holds integers and is used as is by the dynamic path (not
-    rounded or clamped: torchao's asymmetric per-group zero point can lie
-    outside [quant_min, quant_max]).
-    """
-    check_eps(eps)
+
+def dynamic_mapping(group_size: int | None, symmetric: bool) -> int:
+    """The mapping of a fake_quantize_dynamic call: asymmetric per token is
+    ASYMMETRIC, asymmetric per group ASYMMETRIC_GROUP."""
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
-    xg = _grouped(x, group_size)
-    per_group_asym = group_size is not None and not symmetric
-    if eps is None:
-        eps = 1e-6 if per_group_asym else torch.finfo(x.dtype).smallest_normal
+    if symmetric:
+        return SYMMETRIC
+    return ASYMMETRIC if group_size is None else ASYMMETRIC_GROUP
+
+
+def dynamic_eps(eps, dtype: torch.dtype, mapping: int) -> float:
+    """The minimum scale: eps, or torchao's default (1e-6 for asymmetric per
+    group, else the smallest normal number of x's dtype)."""
+    check_eps(eps)
+    if eps is not None:
+        return float(eps)
+    return 1e-6 if mapping == ASYMMETRIC_GROUP else torch.finfo(dtype).smallest_normal
+
+
+@torch.no_grad()
+def dynamic_qparams(x: torch.Tensor, quant_min: int, quant_max: int, group_size: int,
+                    mapping: int, eps: float):
+    """(scale, zero_point) of each group of group_size consecutive elements of
+    the last dimension, float32, shape x.shape[:-1] + (K // G,), with torchao
+    0.18's arithmetic: reductions and scale in x's dtype, a divisor that is a
+    Python number divided by as torch does on x's device (on CUDA: times its
+    fp32 reciprocal), the zero point cast to int32 as x86 does (_trunc_int32)."""
+    xg = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
     width = float(quant_max - quant_min)
     lo, hi = torch.amin(xg, dim=-1), torch.amax(xg, dim=-1)  # NaN propagates
-    if not per_group_asym:  # the range always includes 0
+    if mapping != ASYMMETRIC_GROUP:  # the range always includes 0
         zero = torch.zeros_like(lo)
         lo, hi = torch.min(lo, zero), torch.max(hi, zero)
-    if symmetric:
+    if mapping == SYMMETRIC:
         s = torch.clamp(torch.max(-lo, hi) / (width / 2), min=eps)
         z = torch.full_like(s, int((quant_max + quant_min + 1) / 2))
-    elif group_size is None:  # choose_qparams_affine, ASYMMETRIC
+    elif mapping == ASYMMETRIC:  # choose_qparams_affine
         s = torch.clamp((hi - lo) / width, min=eps)
         z = torch.clamp(quant_min - torch.round(lo / s), quant_min, quant_max)
     else:  # get_groupwise_affine_qparams: a float ("tinygemm") zero point
         s = torch.clamp((hi - lo) / width, min=eps)
         z = lo + s * ((width + 1) / 2)
     return s.float(), _trunc_int32(z)
+
+
+def group_qparams(x: torch.Tensor, quant_min: int, quant_max: int,
+                  group_size: int | None = None, symmetric: bool = False, eps=None):
+    """Dynamic (data-derived) scale and zero point of each group, as
+    fake_quantize_dynamic computes them (torchao 0.18 IntxFakeQuantizer's
+    arithmetic; docs/method.md, "Per-group and per-token").
+
+    x: float32/float16/bfloat16. group_size None: per token (G = x.shape[-1]).
+    eps (minimum scale) defaults to 1e-6 for asymmetric per-group and to
+    torch.finfo(x.dtype).smallest_normal otherwise. Returns (scale,
+    zero_point), float32 tensors of shape x.shape[:-1] + (K // G,);
+    zero_point holds integers and is used as is by the dynamic path (not
+    rounded or clamped: torchao's asymmetric per-group zero point can lie
+    outside [quant_min, quant_max]).
+    """
+    mapping = dynamic_mapping(group_size, symmetric)
+    eps = dynamic_eps(eps, x.dtype, mapping)
+    return dynamic_qparams(x, quant_min, quant_max, group_size_of(x, group_size), mapping, eps)
+
+
+def fake_quant_dynamic(x, quant_min, quant_max, threshold, seed, offset, group_size, mapping,
+                       eps):
+    """The fused backends' fake_quant_dynamic op in torch ops: (y, scale,
+    zero_point), y = m ? Q(x) : x with each group's data-derived (s, z)."""
+    s, z = dynamic_qparams(x, quant_min, quant_max, group_size, mapping, eps)
+    y = forward_grouped(x, s, z, quant_min, quant_max, threshold, seed, offset, group_size,
+                        dynamic=True)
+    return y, s, z
 
 
 def forward_grouped(x, scale, zero_point, qmin, qmax, threshold, seed, offset, group_size,

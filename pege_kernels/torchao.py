@@ -34,7 +34,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from . import reference
 from .ao import AOFakeQuantize
-from .functional import fake_quantize, fake_quantize_fixed
+from .functional import fake_quantize, fake_quantize_dynamic, fake_quantize_fixed
 from .nn import Progressive, check_estimator_args
 from .qat import quantizer_seed
 
@@ -112,6 +112,13 @@ class PEGEFakeQuantizer(IntxFakeQuantizer, Progressive):
         ratio, lam, delta = self.settings()
         kw = dict(ratio=ratio, seed=self.seed, offset=self.offset, lam=lam, delta=delta,
                   backend=self.backend)
+        if self._should_compute_qparams() and not self.config.range_learning:
+            # One pass: qparams reduced, derived and applied by the fused op.
+            y, s, z = fake_quantize_dynamic(x, qmin, qmax, group_size=g,
+                                            symmetric=self.config.is_symmetric,
+                                            eps=self.config.eps, return_qparams=True, **kw)
+            self.scale, self.zero_point = s, z.to(self.config.zero_point_precision)
+            return y
         if self._should_compute_qparams():
             with torch.no_grad():
                 s, z = reference.group_qparams(x, qmin, qmax, g, self.config.is_symmetric,

@@ -163,3 +163,88 @@ def test_dynamic_compiles_and_checks_its_arguments():
         pk.fake_quantize_dynamic(x, 7, 7)
     with pytest.raises(TypeError, match="x must be"):
         pk.fake_quantize_dynamic(x.double(), -8, 7)
+
+
+# (quant_min, quant_max, group_size, symmetric): the three mappings, a group
+# size that is not a power of two or of 8, a group of one element, a row
+# longer than a CPU chunk and groups that straddle a chunk's first tile.
+QPARAM_CASES = [(-8, 7, 32, True), (-8, 7, 128, False), (-128, 127, None, False),
+                (-8, 7, 6, False), (0, 15, 40, True), (-8, 7, 1, False),
+                (-128, 127, None, True)]
+
+
+@backend_devices()
+@pytest.mark.parametrize("case", QPARAM_CASES, ids=[str(c) for c in QPARAM_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_dynamic_qparams_are_the_reference_bits(backend, device, case, dtype):
+    """The qparams the fused op derives in its pass equal reference.group_qparams
+    bit for bit (NaN, inf, all-equal and subnormal groups included), and so
+    does y at ratio 0.5."""
+    qmin, qmax, group_size, symmetric = case
+    for shape in [(12, 1920), (2, 6, 1920)]:
+        x = _activation(shape, dtype, seed=sum(shape))
+        y, s, z = pk.fake_quantize_dynamic(x.to(device), qmin, qmax, group_size=group_size,
+                                           symmetric=symmetric, ratio=0.5, seed=3, offset=5,
+                                           return_qparams=True, backend=backend)
+        want_s, want_z = reference.group_qparams(x.to(device), qmin, qmax, group_size,
+                                                 symmetric)
+        assert_same_bits(s.cpu(), want_s.cpu())
+        assert_same_bits(z.cpu(), want_z.cpu())
+        want = pk.fake_quantize_dynamic(x, qmin, qmax, group_size=group_size,
+                                        symmetric=symmetric, ratio=0.5, seed=3, offset=5,
+                                        backend="reference")
+        got = y.cpu()
+        if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+            tiny = (x.float().abs() < torch.finfo(dtype).smallest_normal) & (x != 0)
+            got, want = torch.where(tiny, 0, got), torch.where(tiny, 0, want)
+        assert_same_bits(got, want)
+
+
+@backend_devices(reference=False)
+@pytest.mark.parametrize("shape,group_size", [((300, 96), 96), ((3, 20000), None),
+                                              ((40, 4096), 32)])
+def test_dynamic_on_many_chunks_equals_the_reference(backend, device, shape, group_size):
+    """Sizes over several CPU chunks (whole groups each, starting between two
+    Philox tiles), at ratio 0.5 with lam and delta: y bit for bit, dx within
+    TOL, the qparams bit for bit."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for b, d in (("reference", "cpu"), (backend, device)):
+        xx = x.to(d).requires_grad_(True)
+        y, s, z = pk.fake_quantize_dynamic(xx, -8, 7, group_size=group_size, ratio=0.5,
+                                           seed=9, offset=1, lam=0.1, delta=0.2,
+                                           return_qparams=True, backend=b)
+        y.backward(grad.to(d))
+        outs.append([t.detach().cpu() for t in (y, s, z, xx.grad)])
+    (want, got) = outs
+    for a, b in zip(got[:3], want[:3]):
+        assert_same_bits(a, b)
+    (atol, rtol), _ = TOL[torch.float32]
+    torch.testing.assert_close(got[3], want[3], atol=atol, rtol=rtol)
+
+
+@pytest.mark.skipif(not pk.ops.HAS_EXTENSION, reason="extension not built")
+def test_opcheck_fake_quant_dynamic():
+    x = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(0))
+    for args in [(-8, 7, 1 << 23, 3, 4, 32, reference.SYMMETRIC, 1e-6, 0.1, 0.2),
+                 (-128, 127, 1 << 24, 0, 0, 64, reference.ASYMMETRIC, 1e-6, 0.0, 0.0),
+                 (-8, 7, 5000000, 1, 2, 16, reference.ASYMMETRIC_GROUP, 1e-6, 0.0, 0.0)]:
+        for xx in (x.clone().requires_grad_(True), x.bfloat16().requires_grad_(True)):
+            torch.library.opcheck(torch.ops.pege.fake_quant_dynamic.default, (xx, *args))
+
+
+@pytest.mark.skipif(not pk.ops.HAS_EXTENSION, reason="extension not built")
+def test_fake_quant_dynamic_op_names_bad_arguments():
+    op = torch.ops.pege.fake_quant_dynamic
+    x = torch.randn(4, 64)
+    for args, match in [((x, -8, 7, 1 << 24, 0, 0, 48, 1, 1e-6, 0.0, 0.0), "group_size 48"),
+                        ((x, -8, 7, 1 << 24, 0, 0, 0, 1, 1e-6, 0.0, 0.0), "group_size 0"),
+                        ((x, -8, 7, 1 << 24, 0, 0, 32, 3, 1e-6, 0.0, 0.0), "mapping"),
+                        ((x, -8, 7, 1 << 24, 0, 0, 32, 1, 0.0, 0.0, 0.0), "eps"),
+                        ((x, 7, -8, 1 << 24, 0, 0, 32, 1, 1e-6, 0.0, 0.0), "quant_min"),
+                        ((torch.tensor(1.0), -8, 7, 1 << 24, 0, 0, 1, 1, 1e-6, 0.0, 0.0),
+                         "0-dim")]:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)

@@ -136,10 +136,12 @@ PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t en
   const float qmin = p.qmin, qmax = p.qmax;
   const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
-  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-    const int64_t n = std::min(kTile, end - t0);
+  // Tiles start at multiples of kTile (fill_words needs it); a begin between
+  // two (fake_quant_dynamic's chunks of whole groups) skips the tile's head.
+  for (int64_t t0 = begin / kTile * kTile; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0), first = std::max(t0, begin);
     fill_words(words, t0, n, p);
-    for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
+    for_each_run(first, t0 + n - first, p, [&](int64_t i, int64_t len, int64_t c) {
       const uint32_t* w = words + (i - t0);
       const Channel chc = ch[c];
       for (int64_t k = 0; k < len; ++k) {
@@ -151,9 +153,61 @@ PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t en
   }
 }
 
+// Eight fp32 lanes (one ymm register, or two xmm).
+typedef float Floats8 __attribute__((vector_size(8 * sizeof(float))));
+
+// Min and max of n elements (NaN when one is NaN, as torch.amin / amax): 8
+// lanes of each, order-free (min and max are exact), NaN tracked apart.
+typedef int Ints8 __attribute__((vector_size(8 * sizeof(int))));
+
+template <typename T>
+PEGE_MULTIVERSION void min_max(const T* x, int64_t n, float& lo, float& hi) {
+  constexpr float kInf = __builtin_inff();
+  Floats8 l = {kInf, kInf, kInf, kInf, kInf, kInf, kInf, kInf}, h = -l;
+  Ints8 nan = {};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    Floats8 v;
+    for (int j = 0; j < 8; ++j) v[j] = static_cast<float>(x[k + j]);
+    l = v < l ? v : l;
+    h = v > h ? v : h;
+    nan |= v != v;
+  }
+  float lo1 = kInf, hi1 = -kInf;
+  bool any_nan = false;
+  for (int j = 0; j < 8; ++j) {
+    lo1 = l[j] < lo1 ? l[j] : lo1;
+    hi1 = h[j] > hi1 ? h[j] : hi1;
+    any_nan |= nan[j] != 0;
+  }
+  for (; k < n; ++k) {
+    const float v = static_cast<float>(x[k]);
+    lo1 = v < lo1 ? v : lo1;
+    hi1 = v > hi1 ? v : hi1;
+    any_nan |= v != v;
+  }
+  lo = any_nan ? __builtin_nanf("") : lo1;
+  hi = any_nan ? __builtin_nanf("") : hi1;
+}
+
+// Groups [g0, g1) of fake_quant_dynamic: their (s, z) from min / max, then
+// the forward over their elements while they are still in cache.
+template <typename T>
+void dynamic_chunk(const T* x, T* y, float* scale, float* zero_point, Channel* ch, int64_t g0,
+                   int64_t g1, const QuantParams& p, const Dynamic& d) {
+  const int64_t size = p.inner;
+  const auto in_dtype = [](float v) { return static_cast<float>(static_cast<T>(v)); };
+  for (int64_t g = g0; g < g1; ++g) {
+    float lo, hi;
+    min_max(x + g * size, size, lo, hi);
+    dynamic_qparams(lo, hi, d, p.qmin, p.qmax, in_dtype, scale[g], zero_point[g]);
+    ch[g] = make_channel(scale[g], zero_point[g], p.qmin, p.qmax, true);
+  }
+  forward_chunk<T>(x, y, g0 * size, g1 * size, ch, p);
+}
+
 // kLanes fp32 accumulators as two halves of 8 (one ymm each, or two xmm): a
 // single 16-float vector type would be lowered through the stack on AVX2.
-typedef float Floats8 __attribute__((vector_size(8 * sizeof(float))));
 static_assert(kLanes == 16, "the accumulators are two Floats8");
 struct Lanes16 {
   Floats8 lo = {}, hi = {};  // lanes 0..7, 8..15
@@ -291,6 +345,27 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
     ds[c] = static_cast<float>(p.grad_factor * s);
     dz[c] = static_cast<float>(p.grad_factor * z);
   }
+}
+
+void fake_quant_dynamic_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& scale,
+                            at::Tensor& zero_point, const QuantParams& p, const Dynamic& d) {
+  // Chunks of whole groups, about kDynamicChunk elements (a group at least):
+  // reduced, then quantized while L2-resident.
+  constexpr int64_t kDynamicChunk = 16 * 1024;
+  const int64_t per_chunk = std::max<int64_t>(1, kDynamicChunk / p.inner);
+  std::vector<Channel> ch(p.channels);
+  float* s = scale.data_ptr<float>();
+  float* z = zero_point.data_ptr<float>();
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, (p.channels + per_chunk - 1) / per_chunk, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k)
+        dynamic_chunk<T>(xp, yp, s, z, ch.data(), k * per_chunk,
+                         std::min(p.channels, (k + 1) * per_chunk), p, d);
+    });
+  });
 }
 
 void replacement_mask_cpu(at::Tensor& mask, const QuantParams& p) {

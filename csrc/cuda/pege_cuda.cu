@@ -5,9 +5,16 @@
 // Word and element arrays are indexed only with unrolled constants, which
 // keeps them in registers (no local memory).
 //
-//   forward            units of VEC = 16 bytes of elements over the flat index
+//   elementwise        units of VEC = 16 bytes of elements over the flat index
 //                      (4 fp32 or 8 fp16/bf16); the channel is looked up per
-//                      unit, or per element when a unit spans channels.
+//                      unit, or per element when a unit spans channels. The
+//                      forward, and the backward when no scale / zero-point
+//                      gradient is asked for (dx only).
+//   dynamic            fake_quantize_dynamic: 8, 32 or 256 threads per group
+//                      reduce its min / max, derive its (s, z), then write y.
+//   group_backward     learned per-group (s, z) (or per-channel, channels of
+//                      the first dimension): 8, 32 or 256 threads per group
+//                      write dx and reduce the group's sums straight to ds, dz.
 //   backward_runs      grid (segment, channel); units of VEC elements of one
 //                      channel: per-tensor, or per-channel with inner % VEC == 0.
 //   backward_groups    grid (segment, channel); other per-channel layouts with
@@ -17,11 +24,12 @@
 //                      inner columns; a thread owns four adjacent columns and
 //                      walks rows, so loads are coalesced along the row.
 //
-// Determinism: each backward kernel writes fp32 partials of the scale and
-// zero-point sums laid out as [segments, columns]; finalize_kernel adds them
-// in a fixed order. Segments, units and the order of every addition depend on
-// the sizes and dtype only, never on pointer alignment (an unaligned tensor
-// takes scalar loads over the same units) or the GPU. No host synchronisation
+// Determinism: group_backward adds a group's terms in a fixed butterfly; the
+// other backward kernels write fp32 partials of the scale and zero-point sums
+// laid out as [segments, columns], which finalize_kernel adds in a fixed
+// order. Segments, units and the order of every addition depend on the sizes
+// and dtype only, never on pointer alignment (an unaligned tensor takes
+// scalar loads over the same units) or the GPU. No host synchronisation
 // anywhere, so the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -131,10 +139,12 @@ __device__ __forceinline__ float backward_value(float g, float x, Channel ch, ui
 
 // ------------------------------------------------------------------ forward
 // UNIFORM: a unit never spans two channels (per-tensor, or inner % VEC == 0).
-template <typename T, int VEC, bool UNIFORM, bool ALIGNED>
-__global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y,
-                               const float* __restrict__ s, const float* __restrict__ z,
-                               QuantParams p) {
+// BACKWARD: out = dx from (g, x) with no scale / zero-point sums (the
+// qparams are constants: fixed or data-derived); else out = y from x.
+template <typename T, int VEC, bool UNIFORM, bool ALIGNED, bool BACKWARD>
+__global__ void elementwise_kernel(const T* __restrict__ x, const T* __restrict__ g,
+                                   T* __restrict__ out, const float* __restrict__ s,
+                                   const float* __restrict__ z, QuantParams p) {
   const int64_t units = (p.numel + VEC - 1) / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
@@ -143,12 +153,19 @@ __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y,
     const int n = static_cast<int>(VEC < p.numel - i0 ? VEC : p.numel - i0);
     uint32_t w[VEC];
     group_words<VEC / 4>(i0, p, w);
-    float v[VEC];
+    float v[VEC], gv[VEC];
     load_unit<ALIGNED>(x, i0, n, v);
+    if (BACKWARD) load_unit<ALIGNED>(g, i0, n, gv);
+    const auto value = [&](int k, const Channel& ch) {
+      float unused_s = 0.0f, unused_z = 0.0f;
+      return BACKWARD ? backward_value(gv[k], v[k], ch, w[k], p, unused_s, unused_z)
+                      : forward_value(v[k], ch, w[k], p);
+    };
+    float r[VEC];
     if (UNIFORM) {
       const Channel ch = channel_at(p.channels == 1 ? 0 : (i0 / p.inner) % p.channels, s, z, p);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = forward_value(v[k], ch, w[k], p);
+      for (int k = 0; k < VEC; ++k) r[k] = value(k, ch);
     } else {
       // Walk channel runs from the unit's first element on.
       int64_t c = (i0 / p.inner) % p.channels, pos = i0 % p.inner;
@@ -160,11 +177,177 @@ __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y,
           c = c + 1 == p.channels ? 0 : c + 1;
           ch = channel_at(c, s, z, p);
         }
-        v[k] = forward_value(v[k], ch, w[k], p);
+        r[k] = value(k, ch);
         ++pos;
       }
     }
-    store_unit<ALIGNED>(y, i0, n, v);
+    store_unit<ALIGNED>(out, i0, n, r);
+  }
+}
+
+// ------------------------------------------------------------ dynamic qparams
+// fake_quant_dynamic: TPG threads per group (8 or 32: a part of a warp, or
+// 256: the block), units of VEC elements (16 bytes when the group size is a
+// multiple of VEC and the pointers are aligned, else VEC = 1). Pass 1 reduces
+// the group's min / max (exact: the order does not matter) with shuffles;
+// every thread of the group derives the same (s, z); pass 2 re-reads the
+// group (L1/L2-resident) and writes y.
+// Words of a unit: VEC >= 4 elements starting at a multiple of 4, or one
+// element (VEC = 1: its word of its Philox group, selected without indexing).
+template <int VEC>
+__device__ __forceinline__ void unit_words(int64_t i0, const QuantParams& p,
+                                           uint32_t (&w)[VEC]) {
+  if constexpr (VEC >= 4) {
+    group_words<VEC / 4>(i0, p, w);
+  } else {
+    uint32_t w4[4];
+    group_words<1>(i0 & ~int64_t{3}, p, w4);
+    const int a = static_cast<int>(i0 & 3);
+    w[0] = a == 0 ? w4[0] : a == 1 ? w4[1] : a == 2 ? w4[2] : w4[3];
+  }
+}
+
+// Sum of v over the TPG threads of a group, the same bits in each of them:
+// a butterfly of shuffles (each pair adds the same two values), then for a
+// block the warps' sums added in warp order.
+template <int TPG>
+__device__ __forceinline__ float group_sum(float v, float* shared) {
+#pragma unroll
+  for (int o = (TPG < 32 ? TPG : 32) / 2; o > 0; o >>= 1)
+    v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (TPG == kThreads) {
+    __syncthreads();  // shared's previous readers are done
+    if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kThreads / 32; ++k) v += shared[k];
+  }
+  return v;
+}
+
+template <int TPG>
+__device__ __forceinline__ void group_min_max(float& lo, float& hi, bool& nan) {
+  static_assert(TPG == 8 || TPG == 32 || TPG == kThreads, "threads per group");
+#pragma unroll
+  for (int o = (TPG < 32 ? TPG : 32) / 2; o > 0; o >>= 1) {
+    const float l = __shfl_xor_sync(0xffffffffu, lo, o);
+    const float h = __shfl_xor_sync(0xffffffffu, hi, o);
+    lo = l < lo ? l : lo;
+    hi = h > hi ? h : hi;
+    nan |= __shfl_xor_sync(0xffffffffu, static_cast<int>(nan), o) != 0;
+  }
+  if (TPG == kThreads) {  // the block: combine the warps' results
+    __shared__ float s_lo[kThreads / 32], s_hi[kThreads / 32];
+    __shared__ int s_nan[kThreads / 32];
+    __syncthreads();  // the previous group's reads are done
+    if ((threadIdx.x & 31) == 0) {
+      s_lo[threadIdx.x >> 5] = lo;
+      s_hi[threadIdx.x >> 5] = hi;
+      s_nan[threadIdx.x >> 5] = nan;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kThreads / 32; ++k) {
+      lo = s_lo[k] < lo ? s_lo[k] : lo;
+      hi = s_hi[k] > hi ? s_hi[k] : hi;
+      nan |= s_nan[k] != 0;
+    }
+  }
+}
+
+template <typename T, int VEC, int TPG>
+__global__ void dynamic_kernel(const T* __restrict__ x, T* __restrict__ y,
+                               float* __restrict__ scale, float* __restrict__ zero_point,
+                               QuantParams p, Dynamic d) {
+  constexpr int kGroupsPerBlock = kThreads / TPG;
+  const int64_t size = p.inner, units = size / VEC;  // VEC divides size
+  const int lane = threadIdx.x % TPG;
+  const auto in_dtype = [](float v) { return static_cast<float>(static_cast<T>(v)); };
+  // Every thread runs the same number of iterations (shuffles need the whole warp).
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(kGroupsPerBlock); base < p.channels;
+       base += static_cast<int64_t>(gridDim.x) * kGroupsPerBlock) {
+    const int64_t grp = base + threadIdx.x / TPG;
+    const bool active = grp < p.channels;
+    const int64_t start = grp * size;
+    float lo = __int_as_float(0x7f800000), hi = -lo;
+    bool nan = false;
+    for (int64_t u = lane; active && u < units; u += TPG) {
+      float v[VEC];
+      load_unit<VEC != 1>(x, start + u * VEC, VEC, v);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        lo = v[k] < lo ? v[k] : lo;
+        hi = v[k] > hi ? v[k] : hi;
+        nan |= v[k] != v[k];
+      }
+    }
+    group_min_max<TPG>(lo, hi, nan);
+    if (!active) continue;
+    const float qnan = __int_as_float(0x7fc00000);
+    float s, zp;
+    dynamic_qparams(nan ? qnan : lo, nan ? qnan : hi, d, p.qmin, p.qmax, in_dtype, s, zp);
+    if (lane == 0) {
+      scale[grp] = s;
+      zero_point[grp] = zp;
+    }
+    const Channel ch = make_channel(s, zp, p.qmin, p.qmax, true);
+    for (int64_t u = lane; u < units; u += TPG) {
+      const int64_t i0 = start + u * VEC;
+      float v[VEC];
+      load_unit<VEC != 1>(x, i0, VEC, v);
+      uint32_t w[VEC];
+      unit_words(i0, p, w);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] = forward_value(v[k], ch, w[k], p);
+      store_unit<VEC != 1>(y, i0, VEC, v);
+    }
+  }
+}
+
+// Learned per-group (s, z), or per-channel with x.shape[0] channels of at
+// most kGroupInner elements: TPG threads per group write its dx and reduce its
+// scale / zero-point sums (group_sum), then write ds, dz: no partials, no
+// second kernel. Units of VEC elements when VEC divides the group size (loads
+// of 128 bits when ALIGNED), else of one: the order of additions depends on
+// the sizes and dtype only.
+constexpr int64_t kGroupInner = 8192;
+
+template <typename T, int VEC, int TPG, bool ALIGNED>
+__global__ void group_backward_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                      T* __restrict__ dx, const float* __restrict__ s,
+                                      const float* __restrict__ z, QuantParams p,
+                                      float* __restrict__ ds, float* __restrict__ dz) {
+  __shared__ float shared[2][kThreads / 32];
+  constexpr int kGroupsPerBlock = kThreads / TPG;
+  const int64_t size = p.inner, units = size / VEC;
+  const int lane = threadIdx.x % TPG;
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(kGroupsPerBlock); base < p.channels;
+       base += static_cast<int64_t>(gridDim.x) * kGroupsPerBlock) {
+    const int64_t grp = base + threadIdx.x / TPG;
+    const bool active = grp < p.channels;
+    float acc_s = 0.0f, acc_z = 0.0f;
+    if (active) {
+      const Channel ch = channel_at(grp, s, z, p);
+      for (int64_t u = lane; u < units; u += TPG) {
+        const int64_t i0 = grp * size + u * VEC;
+        uint32_t w[VEC];
+        unit_words(i0, p, w);
+        float gv[VEC], xv[VEC];
+        load_unit<ALIGNED>(g, i0, VEC, gv);
+        load_unit<ALIGNED>(x, i0, VEC, xv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          gv[k] = backward_value(gv[k], xv[k], ch, w[k], p, acc_s, acc_z);
+        store_unit<ALIGNED>(dx, i0, VEC, gv);
+      }
+    }
+    acc_s = group_sum<TPG>(acc_s, shared[0]);
+    acc_z = group_sum<TPG>(acc_z, shared[1]);
+    if (active && lane == 0) {
+      ds[grp] = p.grad_factor * acc_s;
+      dz[grp] = p.grad_factor * acc_z;
+    }
   }
 }
 
@@ -374,6 +557,19 @@ void launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// elementwise_kernel over p.numel elements: y from x, or (BACKWARD) dx from g, x.
+template <bool BACKWARD, typename T>
+void launch_elementwise(const T* x, const T* g, T* out, const float* s, const float* z,
+                        const QuantParams& p, bool aligned) {
+  constexpr int VEC = 16 / sizeof(T);
+  const bool uniform = p.channels == 1 || p.inner % VEC == 0;
+  auto kernel = uniform ? (aligned ? elementwise_kernel<T, VEC, true, true, BACKWARD>
+                                   : elementwise_kernel<T, VEC, true, false, BACKWARD>)
+                        : (aligned ? elementwise_kernel<T, VEC, false, true, BACKWARD>
+                                   : elementwise_kernel<T, VEC, false, false, BACKWARD>);
+  launch(kernel, grid_for((p.numel + VEC - 1) / VEC), kThreads, x, g, out, s, z, p);
+}
+
 }  // namespace
 
 void fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
@@ -381,15 +577,9 @@ void fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
   const c10::cuda::CUDAGuard guard(x.device());
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    constexpr int VEC = 16 / sizeof(T);
-    const bool uniform = p.channels == 1 || p.inner % VEC == 0;
-    const bool aligned = aligned16(x) && aligned16(y);
-    auto kernel = uniform ? (aligned ? forward_kernel<T, VEC, true, true>
-                                     : forward_kernel<T, VEC, true, false>)
-                          : (aligned ? forward_kernel<T, VEC, false, true>
-                                     : forward_kernel<T, VEC, false, false>);
-    launch(kernel, grid_for((p.numel + VEC - 1) / VEC), kThreads, x.data_ptr<T>(),
-           y.data_ptr<T>(), scale.data_ptr<float>(), zero_point.data_ptr<float>(), p);
+    launch_elementwise<false>(x.data_ptr<T>(), static_cast<const T*>(nullptr), y.data_ptr<T>(),
+                              scale.data_ptr<float>(), zero_point.data_ptr<float>(), p,
+                              aligned16(x) && aligned16(y));
   });
 }
 
@@ -406,6 +596,35 @@ void fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
     T* dxp = dx.data_ptr<T>();
     const float* sp = scale.data_ptr<float>();
     const float* zp = zero_point.data_ptr<float>();
+    const bool aligned = aligned16(grad) && aligned16(x) && aligned16(dx);
+    if (!qparam_grad) {  // dx only: one flat pass, no partial sums
+      launch_elementwise<true>(xp, gp, dxp, sp, zp, p, aligned);
+      return;
+    }
+    if (p.channels > 1 && p.numel == p.channels * p.inner && p.inner <= kGroupInner) {
+      // Groups (or channels of the first dimension): one group per 8, 32 or
+      // 256 threads.
+      const bool vec = p.inner % VEC == 0;
+      const int64_t units = vec ? p.inner / VEC : p.inner;
+      const int tpg = units <= 8 ? 8 : units <= 256 ? 32 : kThreads;
+      const auto pick = [&](auto vec_tag, auto aligned_tag) {
+        constexpr int V = decltype(vec_tag)::value;
+        constexpr bool A = decltype(aligned_tag)::value;
+        return tpg == 8 ? group_backward_kernel<T, V, 8, A>
+                        : tpg == 32 ? group_backward_kernel<T, V, 32, A>
+                                    : group_backward_kernel<T, V, kThreads, A>;
+      };
+      using Vec = std::integral_constant<int, VEC>;
+      using One = std::integral_constant<int, 1>;
+      using Yes = std::true_type;
+      using No = std::false_type;
+      auto kernel = !vec ? pick(One{}, No{}) : aligned ? pick(Vec{}, Yes{}) : pick(Vec{}, No{});
+      const int64_t per_block = kThreads / tpg;
+      launch(kernel, std::clamp<int64_t>((p.channels + per_block - 1) / per_block, 1, 65535),
+             kThreads, gp, xp, dxp, sp, zp, p, dscale.data_ptr<float>(),
+             dzero_point.data_ptr<float>());
+      return;
+    }
     // Partials laid out [segments, channels * per_channel_cols]. Segment
     // counts are functions of the sizes only, so the order of additions is
     // the same for any alignment and on every GPU.
@@ -421,7 +640,6 @@ void fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
     if (p.channels == 1 || p.inner % VEC == 0) {
       segments = std::min(grid_for((p.numel / p.channels + VEC - 1) / VEC), budget);
       float* ps = partials();
-      const bool aligned = aligned16(grad) && aligned16(x) && aligned16(dx);
       launch(aligned ? backward_runs_kernel<T, VEC, true> : backward_runs_kernel<T, VEC, false>,
              dim3(segments, ychannels), kThreads, gp, xp, dxp, sp, zp, p, ps,
              ps + segments * p.channels);
@@ -446,11 +664,31 @@ void fake_quant_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
              dim3(kColThreadsX, kColThreadsY), gp, xp, dxp, sp, zp, p, rows_per_segment, ps,
              ps + segments * cols);
     }
-    if (qparam_grad) {
-      float* ps = part.data_ptr<float>();
-      launch(finalize_kernel, grid_for(p.channels), kThreads, ps, ps + part.size(1), segments,
-             per_channel_cols, p, dscale.data_ptr<float>(), dzero_point.data_ptr<float>());
-    }
+    float* ps = part.data_ptr<float>();
+    launch(finalize_kernel, grid_for(p.channels), kThreads, ps, ps + part.size(1), segments,
+           per_channel_cols, p, dscale.data_ptr<float>(), dzero_point.data_ptr<float>());
+  });
+}
+
+void fake_quant_dynamic_cuda(const at::Tensor& x, at::Tensor& y, at::Tensor& scale,
+                             at::Tensor& zero_point, const QuantParams& p, const Dynamic& d) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vec = p.inner % VEC == 0 && aligned16(x) && aligned16(y);
+    const int64_t units = vec ? p.inner / VEC : p.inner;
+    const int tpg = units <= 8 ? 8 : units <= 256 ? 32 : kThreads;
+    auto kernel = vec ? (tpg == 8 ? dynamic_kernel<T, VEC, 8>
+                                  : tpg == 32 ? dynamic_kernel<T, VEC, 32>
+                                              : dynamic_kernel<T, VEC, kThreads>)
+                      : (tpg == 8 ? dynamic_kernel<T, 1, 8>
+                                  : tpg == 32 ? dynamic_kernel<T, 1, 32>
+                                              : dynamic_kernel<T, 1, kThreads>);
+    const int64_t per_block = kThreads / tpg;
+    launch(kernel, std::clamp<int64_t>((p.channels + per_block - 1) / per_block, 1, 65535),
+           kThreads, x.data_ptr<T>(), y.data_ptr<T>(), scale.data_ptr<float>(),
+           zero_point.data_ptr<float>(), p, d);
   });
 }
 

@@ -9,7 +9,9 @@ needed) and checks what the source cannot show:
 - Philox rounds: every round multiplies by 0xD2511F53 once, so the count of
   those multiplies / 10 is the number of Philox calls the compiler emitted.
   The scalar backward paths draw one call per group of four elements
-  (backward_columns: a second call only when a row starts mid-group).
+  (backward_columns: a second call only when a row starts mid-group);
+  dynamic_kernel with VEC = 1 (group sizes that are not a multiple of 16
+  bytes, or unaligned pointers) draws one call per element.
 
 Prints one table row per (arch, kernel): registers, stack, local and shared
 bytes, LDL/STL, 128-bit loads/stores, Philox calls.
@@ -32,7 +34,9 @@ ARCHS = ("sm_80", "sm_90")
 PHILOX_M0 = "0xd2511f53"
 RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 # kernel family -> (expected instantiations, max Philox calls per loop body)
-FAMILIES = {"forward_kernel": (12, 2), "backward_runs_kernel": (6, 2),
+FAMILIES = {"elementwise_kernel": (24, 2), "dynamic_kernel": (18, 2),
+            "group_backward_kernel": (27, 2),
+            "backward_runs_kernel": (6, 2),
             "backward_groups_kernel": (3, 1), "backward_columns_kernel": (3, 2),
             "finalize_kernel": (1, 0), "mask_kernel": (1, 1)}
 
@@ -109,6 +113,19 @@ def table(so: str) -> list[dict]:
     return rows
 
 
+def _compiled_for_aligned(family: str, kernel: str) -> bool:
+    """Whether the instantiation takes 128-bit accesses: elementwise_kernel's
+    and group_backward_kernel's ALIGNED (4th template argument),
+    backward_runs_kernel's (3rd), and
+    dynamic_kernel with VEC > 1 (2nd)."""
+    args = [a.strip() for a in kernel[kernel.find("<") + 1:].rstrip(">").split(",")]
+    where = {"elementwise_kernel": 3, "backward_runs_kernel": 2,
+             "group_backward_kernel": 3}.get(family)
+    if where is not None:
+        return args[where] == "true"
+    return family == "dynamic_kernel" and args[1] != "1"
+
+
 def problems(rows: list[dict], archs=ARCHS) -> list[str]:
     """What breaks the rules in the module docstring; every arch in `archs`
     must carry every kernel."""
@@ -124,8 +141,7 @@ def problems(rows: list[dict], archs=ARCHS) -> list[str]:
         if r["stack"] != 0 or r["local"] != 0 or r["ldl_stl"]:
             bad.append(f"{where}: local memory (stack {r['stack']}, local {r['local']}, "
                        f"{r['ldl_stl']} LDL/STL)")
-        aligned = fam in ("forward_kernel", "backward_runs_kernel") and \
-            r["kernel"].rstrip(">").endswith("true")
+        aligned = _compiled_for_aligned(fam, r["kernel"])
         if aligned and (r["ldg128"] == 0 or r["stg128"] == 0):
             bad.append(f"{where}: no 128-bit global load/store")
         # The compiler may duplicate a loop body once (peeling); more means
