@@ -169,6 +169,22 @@ def check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, o
                      lambda: "grad must match x in shape, dtype and device")
 
 
+def check_dynamic_op_args(x, quant_min, quant_max, threshold, seed, offset, group_size, mapping,
+                          eps, lam, delta) -> None:
+    """fake_quant_dynamic's checks as torch._check (see check_op_args): run by
+    its fake and by the Triton op."""
+    torch._check(x.dim() >= 1, lambda: "x must have at least one dimension, got a 0-dim tensor")
+    torch._check(group_size >= 1 and x.shape[-1] % group_size == 0,
+                 lambda: f"group_size {group_size} must be >= 1 and divide x.shape[-1] = "
+                         f"{x.shape[-1]}")
+    torch._check(mapping in (0, 1, 2), lambda: f"mapping must be 0, 1 or 2, got {mapping}")
+    torch._check(math.isfinite(eps) and eps > 0, lambda: f"eps must be finite and > 0, got {eps}")
+    groups = x.numel() // group_size
+    qparam = x.new_empty((groups,), dtype=torch.float32)
+    check_op_args(x.reshape(groups, group_size), qparam, qparam, quant_min, quant_max,
+                  threshold, seed, offset, 0, lam, delta)
+
+
 def check_mask_args(threshold, seed, offset) -> None:
     """The mask's arguments as the ops take them (see check_op_args)."""
     torch._check(0 <= threshold <= THRESHOLD_ONE,

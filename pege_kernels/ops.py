@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from ._checks import check_mask_args, check_op_args
+from ._checks import check_dynamic_op_args, check_mask_args, check_op_args
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -108,17 +108,11 @@ def _replacement_mask_fake(like, threshold, seed, offset):
 
 def _fake_quant_dynamic_fake(x, quant_min, quant_max, threshold, seed, offset, group_size,
                              mapping, eps, lam, delta):
-    torch._check(x.dim() >= 1, lambda: "x must have at least one dimension, got a 0-dim tensor")
-    torch._check(group_size >= 1 and x.shape[-1] % group_size == 0,
-                 lambda: f"group_size {group_size} must be >= 1 and divide x.shape[-1] = "
-                         f"{x.shape[-1]}")
-    torch._check(mapping in (0, 1, 2), lambda: f"mapping must be 0, 1 or 2, got {mapping}")
-    torch._check(eps > 0, lambda: f"eps must be > 0, got {eps}")
+    check_dynamic_op_args(x, quant_min, quant_max, threshold, seed, offset, group_size,
+                          mapping, eps, lam, delta)
     shape = x.shape[:-1] + (x.shape[-1] // group_size,)
-    qparam = x.new_empty(shape, dtype=torch.float32)
-    check_op_args(x.reshape(-1, group_size), qparam.reshape(-1), qparam.reshape(-1), quant_min,
-                  quant_max, threshold, seed, offset, 0, lam, delta)
-    return x.new_empty(x.shape), qparam, x.new_empty(shape, dtype=torch.float32)
+    return (x.new_empty(x.shape), x.new_empty(shape, dtype=torch.float32),
+            x.new_empty(shape, dtype=torch.float32))
 
 
 def _register_dynamic(ns: str, backward_op) -> None:

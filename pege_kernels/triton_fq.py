@@ -9,19 +9,24 @@ zero-point gradients, one per fixed segment of _SEG elements of a channel by a
 fixed pairwise tree, then summed in a fixed order: no float atomics, and ds, dz
 bits independent of the autotuned config and of pointer alignment.
 
+The kernel of fake_quant_dynamic derives each group's scale and zero point
+from its data before quantizing it (see its section below).
+
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1, set before this module is imported). Non-contiguous
 inputs are copied once to contiguous memory first (one extra read+write).
 """
 from __future__ import annotations
 
+import functools
 import os
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_mask_args, check_op_args
+from ._checks import check_dynamic_op_args, check_mask_args, check_op_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -261,6 +266,166 @@ def _mask_kernel(out_ptr, numel, threshold, seed_lo, seed_hi, off_lo, off_hi,
     tl.store(out_ptr + i, (w >> 8) < threshold, mask=i < numel)
 
 
+# ------------------------------------------------ dynamic (data-derived) qparams
+# fake_quant_dynamic: each group of G consecutive elements gets its (s, z) from
+# its own min/max, inside the kernel. x is viewed as (groups, G) = (channels,
+# per_channel), the names of the per-channel kernels' (numel / G, G) view. A
+# program takes R = BLOCK // CB whole groups, CB = min(next_pow2(G), max): as
+# one [R, CB] tile when CB >= G, held in registers through both passes; else
+# one group at a time by chunks of BLOCK columns, read twice (the second time
+# from L1/L2). Pass 1 reduces min/max/NaN, then the qparams are computed per
+# group with torchao's arithmetic (reference.dynamic_qparams), then pass 2
+# writes y.
+@triton.jit
+def _rnd(v, ptr):
+    """v (fp32) rounded to the element type of ptr, nearest even, as fp32: the
+    rounding of a torch op on tensors of that dtype. bf16 by integer ops (the
+    interpreter's cast truncates), keeping NaN."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+        out = tl.where(v != v, v, r)
+    elif ptr.dtype.element_ty == tl.float16:
+        out = v.to(tl.float16).to(tl.float32)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def _div_scalar(a, div, rdiv, RECIP: tl.constexpr):
+    """a / div for a Python-number divisor, as torch divides on the device:
+    times the fp32 reciprocal on CUDA (RECIP), IEEE division on CPU."""
+    if RECIP:
+        q = a * rdiv
+    else:
+        q = tl.math.div_rn(a, tl.full(a.shape, 0.0, tl.float32) + div)
+    return q
+
+
+@triton.jit
+def _trunc_int32(z):
+    """float -> int32 -> float as x86 casts (reference._trunc_int32): toward
+    zero, a zero keeping z's sign; NaN, +-inf and out of range -> -2^31."""
+    ok = (z >= -2147483648.0) & (z < 2147483648.0)  # False for NaN
+    t = tl.where(ok, z, 0.0).to(tl.int32).to(tl.float32)
+    t = tl.where(t == 0.0, z * 0.0, t)  # trunc(-0.5) = -0.0
+    return tl.where(ok, t, -2147483648.0)
+
+
+@triton.jit
+def _dyn_tile(x_ptr, base, row_ok, c0, per_channel, TC: tl.constexpr):
+    """Flat indices, mask and x (fp32) of the columns c0 + [0, TC) of the rows."""
+    cols = c0 + tl.arange(0, TC)
+    i = base[:, None] + cols[None, :]
+    ok = row_ok[:, None] & (cols < per_channel)[None, :]
+    x = tl.load(x_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    return i, ok, x
+
+
+@triton.jit
+def _dyn_minmax(x, ok):
+    """Per row: min and max of the non-NaN values, and whether there is a NaN."""
+    real = ok & (x == x)
+    lo = tl.min(tl.where(real, x, float("inf")), axis=1)
+    hi = tl.max(tl.where(real, x, -float("inf")), axis=1)
+    nan = tl.max((ok & (x != x)).to(tl.int32), axis=1)
+    return lo, hi, nan
+
+
+@triton.jit
+def _dyn_store(y_ptr, base, c0, i, ok, x, s, inv, zi, qmin, qmax, threshold, seed_lo, seed_hi,
+               off_lo, off_hi, GROUPED: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    """y of one tile: Q(x) where the element's Philox word is under threshold."""
+    if GROUPED:  # G (so each row's start) and TC multiples of 4: aligned runs of four
+        runs = tl.reshape(base[:, None] + (c0 + 4 * tl.arange(0, TC // 4))[None, :],
+                          (TR * TC // 4,))
+        w = tl.reshape(_words(runs, seed_lo, seed_hi, off_lo, off_hi, True, TR * TC),
+                       (TR, TC))
+    else:
+        w = _words(i, seed_lo, seed_hi, off_lo, off_hi, False, TR * TC)
+    q, below, above = _quantize(x, s, inv, zi, qmin, qmax)
+    m = ((w >> 8) < threshold) & ok
+    tl.store(y_ptr + i, _cast_out(tl.where(m, q, x), y_ptr), mask=ok)
+
+
+@triton.jit
+def _dyn_rows(x_ptr, y_ptr, s_ptr, z_ptr, rows, channels, per_channel, qmin, qmax, div, rdiv,
+              eps, mid, zsym, threshold, seed_lo, seed_hi, off_lo, off_hi,
+              MAPPING: tl.constexpr, RECIP: tl.constexpr, GROUPED: tl.constexpr,
+              ONE_CHUNK: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    """The TR groups `rows` (int64) by tiles [TR, TC]: one (ONE_CHUNK) or a
+    loop over chunks of TC columns."""
+    row_ok = rows < channels
+    base = rows * per_channel
+    # pass 1: the groups' min, max and NaN flags
+    if ONE_CHUNK:
+        i, ok, x = _dyn_tile(x_ptr, base, row_ok, 0, per_channel, TC)
+        lo, hi, nan = _dyn_minmax(x, ok)
+    else:
+        lo = tl.full((TR,), float("inf"), tl.float32)
+        hi = tl.full((TR,), -float("inf"), tl.float32)
+        nan = tl.full((TR,), 0, tl.int32)
+        for c0 in range(0, per_channel, TC):
+            i, ok, x = _dyn_tile(x_ptr, base, row_ok, c0, per_channel, TC)
+            clo, chi, cnan = _dyn_minmax(x, ok)
+            lo, hi, nan = tl.minimum(lo, clo), tl.maximum(hi, chi), tl.maximum(nan, cnan)
+    # the qparams, each step rounded to x's dtype (torch ops on x's dtype)
+    lo = tl.where(nan > 0, float("nan"), tl.where(row_ok, lo, 0.0))  # amin/amax: NaN wins
+    hi = tl.where(nan > 0, float("nan"), tl.where(row_ok, hi, 0.0))
+    if MAPPING != 2:  # min(lo, 0), max(hi, 0), NaN kept
+        lo = tl.where(lo > 0.0, 0.0, lo)
+        hi = tl.where(hi < 0.0, 0.0, hi)
+    if MAPPING == 1:
+        s = _rnd(_div_scalar(tl.where(-lo > hi, -lo, hi), div, rdiv, RECIP), x_ptr)
+    else:
+        s = _rnd(_div_scalar(_rnd(hi - lo, x_ptr), div, rdiv, RECIP), x_ptr)
+    s = tl.where(s < eps, eps, s)  # clamp(min=eps), NaN kept
+    if MAPPING == 1:
+        z = tl.full((TR,), 0.0, tl.float32) + zsym
+    elif MAPPING == 0:
+        r = _round_half_even(_rnd(tl.math.div_rn(lo, s), x_ptr))
+        t = _rnd(qmin - r, x_ptr)
+        z = _rnd(tl.where(t < qmin, qmin, tl.where(t > qmax, qmax, t)), x_ptr)
+    else:
+        z = _rnd(lo + _rnd(s * mid, x_ptr), x_ptr)
+    z = _trunc_int32(z)
+    tl.store(s_ptr + rows, s, mask=row_ok)
+    tl.store(z_ptr + rows, z, mask=row_ok)
+    # pass 2: y = m ? Q(x) : x
+    inv, zi = _channel_params(s, z, qmin, qmax, True)
+    s2, inv2, zi2 = s[:, None], inv[:, None], zi[:, None]
+    if ONE_CHUNK:
+        _dyn_store(y_ptr, base, 0, i, ok, x, s2, inv2, zi2, qmin, qmax, threshold, seed_lo,
+                   seed_hi, off_lo, off_hi, GROUPED, TR, TC)
+    else:
+        for c0 in range(0, per_channel, TC):
+            i, ok, x = _dyn_tile(x_ptr, base, row_ok, c0, per_channel, TC)
+            _dyn_store(y_ptr, base, c0, i, ok, x, s2, inv2, zi2, qmin, qmax, threshold,
+                       seed_lo, seed_hi, off_lo, off_hi, GROUPED, TR, TC)
+
+
+@triton.jit(do_not_specialize=_SEED_ARGS)
+def _dyn_kernel(x_ptr, y_ptr, s_ptr, z_ptr, channels, per_channel, qmin, qmax, div, rdiv, eps,
+                mid, zsym, threshold, seed_lo, seed_hi, off_lo, off_hi,
+                MAPPING: tl.constexpr, RECIP: tl.constexpr, GROUPED: tl.constexpr,
+                ONE_CHUNK: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr):
+    """Groups [pid * R, (pid + 1) * R), R = BLOCK // CB: CB >= G (ONE_CHUNK),
+    one [R, CB] tile; else one group at a time, by chunks of BLOCK columns."""
+    tl.static_assert(BLOCK % CB == 0)
+    R: tl.constexpr = BLOCK // CB
+    row0 = tl.program_id(0).to(tl.int64) * R
+    if ONE_CHUNK:
+        _dyn_rows(x_ptr, y_ptr, s_ptr, z_ptr, row0 + tl.arange(0, R), channels, per_channel,
+                  qmin, qmax, div, rdiv, eps, mid, zsym, threshold, seed_lo, seed_hi, off_lo,
+                  off_hi, MAPPING, RECIP, GROUPED, True, R, CB)
+    else:
+        for k in range(R):
+            _dyn_rows(x_ptr, y_ptr, s_ptr, z_ptr, row0 + k + tl.arange(0, 1), channels,
+                      per_channel, qmin, qmax, div, rdiv, eps, mid, zsym, threshold, seed_lo,
+                      seed_hi, off_lo, off_hi, MAPPING, RECIP, GROUPED, False, 1, BLOCK)
+
+
 # -------------------------------------------------------------- launchers
 # On a GPU the block size and warps of the fwd/bwd kernels are autotuned per
 # (size, channels). Each config gives a thread 8 elements: 128-bit accesses
@@ -275,9 +440,21 @@ _CONFIGS = [triton.Config({"BLOCK": 512}, num_warps=2),
 _MASK_CONFIGS = [triton.Config({"BLOCK": 4096}, num_warps=4)]
 _COMPILE_OPTIONS = dict(enable_fp_fusion=False)  # no FMA contraction: bit-exact fp32 math
 _INTERPRET_BLOCK = 4096
+# fake_quant_dynamic: BLOCK elements a program too, 8 a thread, with CB =
+# min(next_pow2(G), _DYN_CB_MAX), the smallest BLOCK a launch may get, so that
+# CB divides BLOCK. Groups of G <= CB: [BLOCK // CB, CB] tiles, autotuned.
+# Larger ones: one group a program, by chunks of 1024 columns; 256-thread
+# programs of chunks with 64-bit sizes saved registers to the stack around
+# div.rn's slow path (sm_90, triton 3.8's ptxas), so these get 4 warps only.
+_DYN_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4),
+                triton.Config({"BLOCK": 2048}, num_warps=8)]
+_DYN_CHUNKED_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)]
+_DYN_CB_MAX = _INTERPRET_BLOCK if INTERPRET else min(c.kwargs["BLOCK"] for c in _DYN_CONFIGS)
+_dyn_chunked_kernel = _dyn_kernel  # one config: launched as it is
 if not INTERPRET:
     _fwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_fwd_kernel)
     _bwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_bwd_kernel)
+    _dyn_kernel = triton.autotune(_DYN_CONFIGS, key=["channels", "per_channel"])(_dyn_kernel)
 
 
 def _launch(kernel, configs, n, channels, args, **flags):
@@ -355,6 +532,48 @@ def _mask(out, threshold, seed, offset):
     return out
 
 
+_SYMMETRIC = 1  # reference.SYMMETRIC: divisor (qmax - qmin) / 2
+
+
+@functools.lru_cache(maxsize=64)
+def _in_dtype(v, dtype: torch.dtype) -> float:
+    """v rounded to dtype as torch converts a Python number to it."""
+    return float(torch.tensor(v, dtype=dtype))
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _dynamic(x, qmin, qmax, threshold, seed, offset, group_size, mapping, eps):
+    """(y, scale, zero_point) of fake_quant_dynamic (see the op)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    shape = x.shape[:-1] + (x.shape[-1] // group_size,)
+    s = torch.empty(shape, dtype=torch.float32, device=x.device)
+    z = torch.empty(shape, dtype=torch.float32, device=x.device)
+    if x.numel():
+        groups = x.numel() // group_size
+        cb = min(triton.next_power_of_2(group_size), _DYN_CB_MAX)
+        width = float(qmax - qmin)
+        div = width / 2 if mapping == _SYMMETRIC else width
+        # On CUDA torch divides by a Python number as x * (1.0f / div), the
+        # reciprocal rounded to fp32 (div is exact in fp32; rounding the
+        # double quotient to fp32 equals fp32 division); on CPU exactly.
+        # Compiled Triton runs CUDA tensors only, the interpreter CPU ones.
+        one_chunk = group_size <= cb
+        kernel, configs = ((_dyn_kernel, _DYN_CONFIGS) if one_chunk
+                           else (_dyn_chunked_kernel, _DYN_CHUNKED_CONFIGS))
+        _launch(kernel, configs, groups * cb, 1,
+                (x, y, s, z, groups, group_size, float(qmin), float(qmax), div, _f32(1.0 / div),
+                 _in_dtype(float(eps), x.dtype), (width + 1) / 2,
+                 _in_dtype(int((qmax + qmin + 1) / 2), x.dtype), threshold, *_split(seed),
+                 *_split(offset)),
+                MAPPING=mapping, RECIP=not INTERPRET, GROUPED=group_size % 4 == 0,
+                ONE_CHUNK=one_chunk, CB=cb)
+    return y, s, z
+
+
 # ------------------------------------------------------------ torch ops
 # Schemas and launches only: fakes and autograd are ops.py's, shared with the
 # C++ ops. The impls check their arguments as the C++ ops do, for direct
@@ -390,3 +609,17 @@ def _replacement_mask_op(like: torch.Tensor, threshold: int, seed: int,
     check_mask_args(threshold, seed, offset)
     return _mask(torch.empty(like.shape, dtype=torch.bool, device=like.device), threshold,
                  seed, offset)
+
+
+@torch.library.custom_op("pege_triton::fake_quant_dynamic", mutates_args=())
+def _fake_quant_dynamic_op(x: torch.Tensor, quant_min: int, quant_max: int, threshold: int,
+                           seed: int, offset: int, group_size: int, mapping: int, eps: float,
+                           lam: float, delta: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, scale, zero_point): each group's (s, z) from its data as
+    reference.dynamic_qparams computes them (mapping 0 asymmetric, 1
+    symmetric, 2 asymmetric per group; eps the minimum scale), y = m ? Q(x) : x
+    with the zero point as it is. lam, delta: for the backward (ops.py)."""
+    check_dynamic_op_args(x, quant_min, quant_max, threshold, seed, offset, group_size,
+                          mapping, eps, lam, delta)
+    return _dynamic(x, quant_min, quant_max, threshold, seed, offset, group_size, mapping, eps)

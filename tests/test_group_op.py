@@ -208,6 +208,9 @@ def test_dynamic_on_many_chunks_equals_the_reference(backend, device, shape, gro
     """Sizes over several CPU chunks (whole groups each, starting between two
     Philox tiles), at ratio 0.5 with lam and delta: y bit for bit, dx within
     TOL, the qparams bit for bit."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("too large for Triton's interpreter (tests/test_triton_dynamic.py "
+                    "covers its chunked groups)")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     outs = []

@@ -64,6 +64,17 @@ INT_SETS = {
     "large": (2**63 - 1, 2**63 - 1, 1 << 24,
               (((BIG + 1,), None), ((3, BIG // 4, 4), 0), ((3, BIG + 1), 0)), "meta"),
 }
+# fake_quant_dynamic's launches: (seed, offset, threshold, [(shape, group size)],
+# where): groups in one tile (G a power of two, or not; G % 4 != 0), groups by
+# chunks of columns, misaligned, and 64-bit sizes. Each (shape, dtype) takes
+# one of the three mappings in turn (MAPPING only changes per-group scalars).
+DYNAMIC_SETS = {
+    "0": (0, 0, 0, (((64, 32), 32), ((8, 96), 96), ((16, 32, 17), 17), ((4, 6144), 6144)),
+          "cpu"),
+    "1": (2**32 + 1, 2**32 + 1, 1, (((1, 4), 4),), "misaligned"),
+    "large": (2**63 - 1, 2**63 - 1, 1 << 24, (((BIG + 28,), 32), ((3, BIG + 1), BIG + 1)),
+              "meta"),
+}
 JOBS: list[dict] = []  # filled before the worker processes fork
 
 
@@ -105,6 +116,15 @@ def record_launches():
                 label = f"mask out=bool{list(shape)} ints={name}"
                 triton_fq._mask(_tensor(shape, torch.bool, "meta" if where == "meta" else "cpu"),
                                 threshold, seed, offset)
+        turn = 0
+        for name, (seed, offset, threshold, shapes, where) in DYNAMIC_SETS.items():
+            for shape, g in shapes:
+                for dtype in DTYPES:
+                    mapping, turn = turn % 3, turn + 1
+                    label = f"dynamic x={str(dtype)[6:]}{list(shape)} G={g} " \
+                            f"mapping={mapping} ints={name}"
+                    triton_fq._dynamic(_tensor(shape, dtype, where), -8, 7, threshold, seed,
+                                       offset, g, mapping, 1e-6)
     finally:
         triton_fq._launch = real
     return calls
