@@ -181,6 +181,8 @@ def test_dynamic_qparams_are_the_reference_bits(backend, device, case, dtype):
     """The qparams the fused op derives in its pass equal reference.group_qparams
     bit for bit (NaN, inf, all-equal and subnormal groups included), and so
     does y at ratio 0.5."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("tests/test_triton_dynamic.py covers the interpreted Triton op")
     qmin, qmax, group_size, symmetric = case
     for shape in [(12, 1920), (2, 6, 1920)]:
         x = _activation(shape, dtype, seed=sum(shape))

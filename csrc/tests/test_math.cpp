@@ -126,11 +126,46 @@ static void gradients() {
   EXPECT(gi.gx == 0.0f && std::isfinite(gi.gs) && std::isfinite(gi.gz));
 }
 
+// Dynamic qparams in fp32 (no rounding to a narrower dtype): the three
+// mappings, half-to-even in the zero point, the int32 cast's edges, NaN.
+static void dynamic_qparams_cases() {
+  const auto fp32 = [](float v) { return v; };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT(trunc_int32(-2.7f) == -2.0f && trunc_int32(2.7f) == 2.0f);
+  EXPECT(trunc_int32(3e9f) == -2147483648.0f && trunc_int32(nan) == -2147483648.0f);
+  EXPECT(trunc_int32(-std::numeric_limits<float>::infinity()) == -2147483648.0f);
+  float s, z;
+  Dynamic sym{kSymmetric, 7.5f, 1.0f / 7.5f, false, 1e-6f, 8.0f, 0.0f};
+  dynamic_qparams(-1.0f, 0.5f, sym, -8.0f, 7.0f, fp32, s, z);
+  EXPECT(s == 1.0f / 7.5f && z == 0.0f);
+  // s = 255 / 255 = 1; lo / s = -126.5 rounds to even -126: z = -2.
+  Dynamic asym{kAsymmetric, 255.0f, 1.0f / 255.0f, false, 1e-6f, 128.0f, 0.0f};
+  dynamic_qparams(-126.5f, 128.5f, asym, -128.0f, 127.0f, fp32, s, z);
+  EXPECT(s == 1.0f && z == -2.0f);
+  // A one-signed group still spans 0: lo' = 0, z = -128.
+  dynamic_qparams(3.0f, 5.1f, asym, -128.0f, 127.0f, fp32, s, z);
+  EXPECT(s == 5.1f / 255.0f && z == -128.0f);
+  // All-equal zeros: the scale is eps.
+  dynamic_qparams(0.0f, 0.0f, asym, -128.0f, 127.0f, fp32, s, z);
+  EXPECT(s == 1e-6f && z == -128.0f);
+  // Per group: no range through 0, z = trunc(lo + s * 8).
+  Dynamic group{kAsymmetricGroup, 15.0f, 1.0f / 15.0f, false, 1e-6f, 8.0f, 0.0f};
+  dynamic_qparams(100.0f, 115.0f, group, -8.0f, 7.0f, fp32, s, z);
+  EXPECT(s == 1.0f && z == 108.0f);
+  dynamic_qparams(nan, nan, group, -8.0f, 7.0f, fp32, s, z);
+  EXPECT(std::isnan(s) && z == -2147483648.0f);
+  // CUDA's division by a Python number: times the fp32 reciprocal.
+  group.by_reciprocal = true;
+  dynamic_qparams(0.0f, 1.0f, group, -8.0f, 7.0f, fp32, s, z);
+  EXPECT(s == 1.0f * (1.0f / 15.0f));
+}
+
 int main() {
   philox_known_answers();
   philox_uniform_lanes();
   rounding_and_clamping();
   gradients();
+  dynamic_qparams_cases();
   if (failures == 0) std::printf("pege_math: all checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
