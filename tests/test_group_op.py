@@ -233,11 +233,12 @@ def test_dynamic_on_many_chunks_equals_the_reference(backend, device, shape, gro
 @pytest.mark.skipif(not pk.ops.HAS_EXTENSION, reason="extension not built")
 def test_opcheck_fake_quant_dynamic():
     x = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(0))
-    for args in [(-8, 7, 1 << 23, 3, 4, 32, reference.SYMMETRIC, 1e-6, 0.1, 0.2),
-                 (-128, 127, 1 << 24, 0, 0, 64, reference.ASYMMETRIC, 1e-6, 0.0, 0.0),
-                 (-8, 7, 5000000, 1, 2, 16, reference.ASYMMETRIC_GROUP, 1e-6, 0.0, 0.0)]:
-        for xx in (x.clone().requires_grad_(True), x.bfloat16().requires_grad_(True)):
-            torch.library.opcheck(torch.ops.pege.fake_quant_dynamic.default, (xx, *args))
+    samples = [(-8, 7, 1 << 23, 3, 4, 32, reference.SYMMETRIC, 1e-6, 0.1, 0.2),
+               (-128, 127, 1 << 24, 0, 0, 64, reference.ASYMMETRIC, 1e-6, 0.0, 0.0),
+               (-8, 7, 5000000, 1, 2, 16, reference.ASYMMETRIC_GROUP, 1e-6, 0.0, 0.0)]
+    for args, dtype in zip(samples, (torch.float32, torch.bfloat16, torch.float16)):
+        xx = x.to(dtype).requires_grad_(True)
+        torch.library.opcheck(torch.ops.pege.fake_quant_dynamic.default, (xx, *args))
 
 
 @pytest.mark.skipif(not pk.ops.HAS_EXTENSION, reason="extension not built")

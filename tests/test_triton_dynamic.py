@@ -93,11 +93,13 @@ def test_chunked_groups(monkeypatch):
     fit the interpreter: chunks of 64 columns, two groups a program."""
     monkeypatch.setattr(triton_fq, "_INTERPRET_BLOCK", 64)
     monkeypatch.setattr(triton_fq, "_DYN_CB_MAX", 32)
-    for dtype, g, shape in ((torch.float32, 96, (12, 192)), (torch.float32, 40, (2, 12, 80)),
-                            (torch.float32, 150, (12, 150)), (torch.bfloat16, 96, (12, 192))):
+    runs = [(torch.float32, 96, (12, 192), mapping)
+            for mapping in (R.ASYMMETRIC, R.SYMMETRIC, R.ASYMMETRIC_GROUP)]
+    runs += [(torch.bfloat16, 40, (2, 12, 80), R.SYMMETRIC),        # 3-D, G % 8 != 0
+             (torch.float32, 150, (12, 150), R.ASYMMETRIC_GROUP)]   # G % 4 != 0
+    for dtype, g, shape, mapping in runs:
         x = _activation(shape, dtype, seed=g)
-        for mapping in (R.ASYMMETRIC, R.SYMMETRIC, R.ASYMMETRIC_GROUP):
-            _check(x, *_run(x, -8, 7, RATIOS[1], g, mapping))
+        _check(x, *_run(x, -8, 7, RATIOS[1], g, mapping))
 
 
 def _cuda_qparams(x, qmin, qmax, g, mapping, eps):
