@@ -409,16 +409,17 @@ def _dyn_rows(x_ptr, y_ptr, s_ptr, z_ptr, rows, channels, per_channel, qmin, qma
 def _dyn_kernel(x_ptr, y_ptr, s_ptr, z_ptr, channels, per_channel, qmin, qmax, div, rdiv, eps,
                 mid, zsym, threshold, seed_lo, seed_hi, off_lo, off_hi,
                 MAPPING: tl.constexpr, RECIP: tl.constexpr, GROUPED: tl.constexpr,
-                ONE_CHUNK: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr):
-    """Groups [pid * R, (pid + 1) * R), R = BLOCK // CB: CB >= G (ONE_CHUNK),
-    one [R, CB] tile; else one group at a time, by chunks of BLOCK columns."""
-    tl.static_assert(BLOCK % CB == 0)
-    R: tl.constexpr = BLOCK // CB
+                ONE_CHUNK: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """Groups [pid * R, (pid + 1) * R), R = BLOCK // BLOCK_COLS (CB above):
+    CB >= G (ONE_CHUNK), one [R, CB] tile; else one group at a time, by
+    chunks of BLOCK columns."""
+    tl.static_assert(BLOCK % BLOCK_COLS == 0)
+    R: tl.constexpr = BLOCK // BLOCK_COLS
     row0 = tl.program_id(0).to(tl.int64) * R
     if ONE_CHUNK:
         _dyn_rows(x_ptr, y_ptr, s_ptr, z_ptr, row0 + tl.arange(0, R), channels, per_channel,
                   qmin, qmax, div, rdiv, eps, mid, zsym, threshold, seed_lo, seed_hi, off_lo,
-                  off_hi, MAPPING, RECIP, GROUPED, True, R, CB)
+                  off_hi, MAPPING, RECIP, GROUPED, True, R, BLOCK_COLS)
     else:
         for k in range(R):
             _dyn_rows(x_ptr, y_ptr, s_ptr, z_ptr, row0 + k + tl.arange(0, 1), channels,
@@ -450,7 +451,7 @@ _DYN_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4),
                 triton.Config({"BLOCK": 2048}, num_warps=8)]
 _DYN_CHUNKED_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)]
 _DYN_CB_MAX = _INTERPRET_BLOCK if INTERPRET else min(c.kwargs["BLOCK"] for c in _DYN_CONFIGS)
-_dyn_chunked_kernel = _dyn_kernel  # one config: launched as it is
+_dyn_kernel_fixed = _dyn_kernel  # one config, launched as it is (never autotuned)
 if not INTERPRET:
     _fwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_fwd_kernel)
     _bwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_bwd_kernel)
@@ -563,14 +564,14 @@ def _dynamic(x, qmin, qmax, threshold, seed, offset, group_size, mapping, eps):
         # Compiled Triton runs CUDA tensors only, the interpreter CPU ones.
         one_chunk = group_size <= cb
         kernel, configs = ((_dyn_kernel, _DYN_CONFIGS) if one_chunk
-                           else (_dyn_chunked_kernel, _DYN_CHUNKED_CONFIGS))
+                           else (_dyn_kernel_fixed, _DYN_CHUNKED_CONFIGS))
         _launch(kernel, configs, groups * cb, 1,
                 (x, y, s, z, groups, group_size, float(qmin), float(qmax), div, _f32(1.0 / div),
                  _in_dtype(float(eps), x.dtype), (width + 1) / 2,
                  _in_dtype(int((qmax + qmin + 1) / 2), x.dtype), threshold, *_split(seed),
                  *_split(offset)),
                 MAPPING=mapping, RECIP=not INTERPRET, GROUPED=group_size % 4 == 0,
-                ONE_CHUNK=one_chunk, CB=cb)
+                ONE_CHUNK=one_chunk, BLOCK_COLS=cb)
     return y, s, z
 
 
