@@ -170,8 +170,7 @@ def _register(ns: str) -> None:
                 *([None] * (len(need) - 3)))
 
     torch.library.register_autograd(f"{ns}::fake_quant", backward, setup_context=setup_context)
-    if hasattr(ops, "fake_quant_dynamic"):
-        _register_dynamic(ns, backward_op)
+    _register_dynamic(ns, backward_op)
 
 
 if HAS_EXTENSION:

@@ -118,11 +118,16 @@ def _cast_out(v, ptr):
     hand: Triton's interpreter truncates in its fp32 -> bf16 cast, and these
     integer ops give the hardware's result on a GPU too."""
     if ptr.dtype.element_ty == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = tl.where(v != v, 0x7FC0, r)  # NaN: torch's quiet NaN
+        r = tl.where(v != v, 0x7FC0, _bf16_bits(v))  # NaN: torch's quiet NaN
         return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _bf16_bits(v):
+    """The bf16 bits (low 16 of a uint32) of fp32 v rounded to nearest even."""
+    u = v.to(tl.uint32, bitcast=True)
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
 
 
 # Scale/zero-point partial sums cover fixed segments of _SEG elements of a
@@ -282,9 +287,7 @@ def _rnd(v, ptr):
     rounding of a torch op on tensors of that dtype. bf16 by integer ops (the
     interpreter's cast truncates), keeping NaN."""
     if ptr.dtype.element_ty == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-        out = tl.where(v != v, v, r)
+        out = tl.where(v != v, v, (_bf16_bits(v) << 16).to(tl.float32, bitcast=True))
     elif ptr.dtype.element_ty == tl.float16:
         out = v.to(tl.float16).to(tl.float32)
     else:
