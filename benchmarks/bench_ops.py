@@ -10,6 +10,16 @@ the bytes each method saves for backward per element of x. Prints a markdown
 table and writes results.csv, saved_bytes.csv and gbps.png to --out.
 
     python benchmarks/bench_ops.py --sizes 64M --dtypes float32 --modes per-tensor
+
+Modes per-tensor and per-channel (256 channels) run int4 codes with a learned
+scale. per-group (int4 weights, groups of 32, symmetric) and per-token (int8
+activations, asymmetric) shape x as (n / 4096, 4096) and time the op with
+qparams derived from the data (fake_quantize_dynamic), and learned, against
+torchao's IntxFakeQuantizer, eager and torch.compile'd (where torchao is
+installed). The issue's cases:
+
+    python benchmarks/bench_ops.py --modes per-group --sizes 16M --dtypes float32
+    python benchmarks/bench_ops.py --modes per-token --sizes 32M --dtypes float32
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +41,9 @@ import pege_kernels as pk
 
 QMIN, QMAX = -8, 7
 PEGE = dict(ratio=0.5, lam=1e-3, seed=1, offset=0)  # PEGE settings mid-curriculum
+ROW = 4096  # per-group / per-token: x is (n / ROW, ROW)
+# mode -> (quant_min, quant_max, group_size (None: the row), symmetric)
+GROUPED = {"per-group": (-8, 7, 32, True), "per-token": (-128, 127, None, False)}
 
 
 def ste_lsq(x, s, z, axis):
@@ -54,8 +68,12 @@ def pege_torch(x, s, z, axis):
     return torch.where(m, ste_lsq(x, s, z, axis), x)
 
 
-def methods(device, axis, backends):
+def methods(device, mode, backends):
     """name -> f(x, s, z) returning y (differentiable where the method is)."""
+    if mode in GROUPED:
+        return grouped_methods(mode, backends)
+    axis = None if mode == "per-tensor" else 0
+
     def pege(backend):
         return lambda x, s, z: pk.fake_quantize(x, s, z, QMIN, QMAX, axis=axis,
                                                 backend=backend, **PEGE)
@@ -80,19 +98,53 @@ def methods(device, axis, backends):
     return out
 
 
+def grouped_methods(mode, backends):
+    """per-group / per-token: the op with qparams from the data (PEGE and STE
+    settings) and learned, and torchao's fake quantizer (qparams from the
+    data at every call), eager and compiled."""
+    qmin, qmax, group_size, symmetric = GROUPED[mode]
+    out = {}
+    for b in backends:
+        for name, kw in (("", PEGE), (", STE settings", dict(ratio=1.0))):
+            out[f"pege {b} dynamic{name}"] = (
+                lambda x, s, z, b=b, kw=kw: pk.fake_quantize_dynamic(
+                    x, qmin, qmax, group_size=group_size, symmetric=symmetric, backend=b, **kw))
+        out[f"pege {b} learned"] = lambda x, s, z, b=b: pk.fake_quantize(
+            x, s, z, qmin, qmax, group_size=group_size or x.shape[-1], backend=b, **PEGE)
+    try:
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
+    except ImportError:
+        print("torchao is not installed: its rows are left out")
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = (IntxFakeQuantizeConfig(torch.int4, group_size=group_size)
+               if mode == "per-group" else
+               IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=symmetric))
+        ao = IntxFakeQuantizer(cfg)
+    out["torchao eager"] = lambda x, s, z: ao(x)
+    compiled = torch.compile(ao)
+    out["torchao compiled"] = lambda x, s, z: compiled(x)
+    return out
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def inputs(n, dtype, axis, device):
+def inputs(n, dtype, mode, device):
+    """x, dy, and the learned scale / zero point of `mode`."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    shape = (n,) if axis is None else (256, n // 256)
+    shape = {"per-tensor": (n,), "per-channel": (256, n // 256)}.get(mode, (n // ROW, ROW))
     x = (torch.randn(shape, generator=g) * 0.5).to(device=device, dtype=dtype)
     dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-    c = 1 if axis is None else shape[axis]
-    s = torch.full((c,), 0.05, device=device)
-    z = torch.zeros(c, device=device)
+    qshape = {"per-tensor": (1,), "per-channel": (256,)}.get(mode)
+    if qshape is None:
+        group_size = GROUPED[mode][2] or ROW
+        qshape = (shape[0], ROW // group_size)
+    s = torch.full(qshape, 0.02 if mode == "per-token" else 0.05, device=device)
+    z = torch.zeros(qshape, device=device)
     return x, dy, s, z
 
 
@@ -273,13 +325,12 @@ def main(argv=None):
     print(header)
     rows, saved_rows, failed = [], [], []
     for mode in args.modes.split(","):
-        axis = None if mode == "per-tensor" else 0
-        meths = {k: v for k, v in methods(device, axis, backends).items() if k not in skip}
+        meths = {k: v for k, v in methods(device, mode, backends).items() if k not in skip}
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             for size_text in args.sizes.split(","):
                 n = parse_size(size_text)
-                x, dy, s, z = inputs(n, dtype, axis, device)
+                x, dy, s, z = inputs(n, dtype, mode, device)
                 e = x.element_size()
                 timed = {"copy": Timed(None, x, dy, s, z, device, copy=True)}
                 timed.update({name: Timed(f, x, dy, s, z, device) for name, f in meths.items()})

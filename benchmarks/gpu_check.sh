@@ -172,11 +172,16 @@ for case in "float32 per-tensor" "bfloat16 per-tensor" "float32 per-channel" \
     --skip "reference eager,reference compiled" --out "$logs/$name"
 done
 
-if (( gpu && built )); then  # torchao's rows only where torchao is installed
-  step bench-groups 60 1 env PYTHONPATH="$src" "$PY" benchmarks/bench_groups.py --device cuda
-else
-  record bench-groups skipped "no GPU or no build"
-fi
+# Per group and per token (torchao's rows only where torchao is installed).
+for case in "per-group 16M" "per-token 32M"; do
+  set -- $case
+  name="bench-$1"
+  if (( ! gpu )); then record "$name" skipped "no GPU"; continue; fi
+  if (( ! built )); then record "$name" skipped "no build"; continue; fi
+  step "$name" 60 1 env PYTHONPATH="$src" "$PY" benchmarks/bench_ops.py --device cuda \
+    --sizes "$2" --dtypes float32,bfloat16 --modes "$1" --rounds 3 --round-time 0.1 \
+    --out "$logs/$name"
+done
 
 # One transformer block's QAT train step, torchao's fake quantizers against
 # PEGEQATConfig's: eager first (a table even if the budget cuts the second),

@@ -6,12 +6,12 @@ import pege_kernels as pk
 from bench_ops import inputs, methods, saved_bytes_per_element
 
 DEVICE = torch.device("cuda" if "cuda" in pk.available_backends() else "cpu")
-METHODS = methods(DEVICE, None, [b for b in pk.available_backends(DEVICE) if b in ("cpu", "cuda")])
+METHODS = methods(DEVICE, "per-tensor", [b for b in pk.available_backends(DEVICE) if b in ("cpu", "cuda")])
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "reference compiled"])
 def test_fwd_bwd_1m(benchmark, name):
-    x, dy, s, z = inputs(1 << 20, torch.float32, None, DEVICE)
+    x, dy, s, z = inputs(1 << 20, torch.float32, "per-tensor", DEVICE)
     xs, ss, zs = (t.clone().requires_grad_(True) for t in (x, s, z))
     f = METHODS[name]
 
@@ -102,3 +102,21 @@ def test_train_step_bench_prints_table_and_equal_outputs(capsys):
     for name in ("full precision", "torchao QATConfig", "pege_kernels ste",
                  "pege_kernels pege"):
         assert f"| {name} " in out
+
+
+def test_grouped_modes_time_the_op_and_torchao(tmp_path, capsys):
+    """per-group and per-token: the op (dynamic and learned qparams) and
+    torchao's fake quantizer each get a row, on (n / 4096, 4096) inputs."""
+    pytest.importorskip("torchao")
+    import bench_ops
+
+    backends = [b for b in pk.available_backends("cpu") if b == "cpu"] or ["reference"]
+    bench_ops.main(["--sizes", "16K", "--dtypes", "float32", "--modes", "per-group,per-token",
+                    "--backends", backends[0], "--skip", "torchao compiled", "--rounds", "1",
+                    "--round-time", "0.001", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for mode in ("per-group", "per-token"):
+        for method in (f"pege {backends[0]} dynamic", f"pege {backends[0]} learned",
+                       "torchao eager"):
+            assert f"| {mode} | float32 | 16K | {method} |" in out, (mode, method)
+    assert "n/a" not in out

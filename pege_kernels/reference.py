@@ -163,8 +163,9 @@ def backward(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset, ax
     dx = dx.to(x.dtype)
 
     dims = [d for d in range(x.dim()) if axis is None or d != axis]
-    gs = ts.sum(dims)
-    gz = tz.sum(dims)
+    # sum([]) would sum every dimension: per channel of a 1-D x there are none.
+    gs = ts.sum(dims) if dims else ts
+    gz = tz.sum(dims) if dims else tz
     return dx, (grad_factor * gs).reshape(scale.shape), (grad_factor * gz).reshape(zero_point.shape)
 
 

@@ -9,6 +9,11 @@ zero-point gradients, one per fixed segment of _SEG elements of a channel by a
 fixed pairwise tree, then summed in a fixed order: no float atomics, and ds, dz
 bits independent of the autotuned config and of pointer alignment.
 
+Channels that are single runs of G <= _DYN_CB_MAX (1024 on a GPU)
+consecutive elements (per group: x viewed as (groups, G), axis 0) go to the
+group kernels instead: many whole groups a program, each group's ds, dz
+reduced there by the same kind of tree.
+
 The kernel of fake_quant_dynamic derives each group's scale and zero point
 from its data before quantizing it (see its section below).
 
@@ -133,19 +138,38 @@ def _bf16_bits(v):
 # Scale/zero-point partial sums cover fixed segments of _SEG elements of a
 # channel (a program of BLOCK elements writes BLOCK // _SEG of them), so which
 # elements meet in a partial never depends on the launch config.
-_SEG_LOG2 = tl.constexpr(9)
 _SEG = tl.constexpr(1 << 9)
 
 
 @triton.jit
-def _segment_sums(v):
-    """Sums of each run of _SEG elements of the 1-D v by the fixed tree
-    ((v0 + v1) + (v2 + v3)) + ...: each level sums axes of size 2, one
-    commutative add, whichever lane holds which value. tl.sum associates as
-    the layout does (num_warps, and a vector width chosen by alignment)."""
-    for _ in tl.static_range(_SEG_LOG2):
-        v = tl.sum(tl.reshape(v, (v.shape[0] // 2, 2)), axis=1)
+def _run_sums(v, RUN: tl.constexpr):
+    """Sums of each run of RUN (a power of two, < 2^16) elements of the 1-D v
+    by the fixed tree ((v0 + v1) + (v2 + v3)) + ...: each level sums axes of
+    size 2, one commutative add, whichever lane holds which value. tl.sum
+    associates as the layout does (num_warps, and a vector width chosen by
+    alignment)."""
+    N: tl.constexpr = v.shape[0] // RUN
+    for _ in tl.static_range(16):
+        if v.shape[0] > N:  # a constexpr test: the levels past log2(RUN) vanish
+            v = tl.sum(tl.reshape(v, (v.shape[0] // 2, 2)), axis=1)
     return v
+
+
+@triton.jit
+def _grads(g, x, q, below, above, s, inv, zi, qmin, qmax, lam, delta):
+    """Section 5 for a replaced element: dx, and the terms gq * dq/ds and
+    gq * dq/dz of the scale and zero-point sums (gq the upstream of q)."""
+    e = x - q
+    in_range = (below | above) == 0
+    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+    gx = tl.where(in_range, g * (1.0 + delta * sign * e * inv), 0.0)
+    gq = g
+    if lam != 0:  # skipped at 0 so that an infinite x keeps finite gradients
+        gx = gx + lam * e
+        gq = g + lam * (q - x)
+    dqds = tl.where(in_range, (q - x) * inv, tl.where(below, qmin - zi, qmax - zi))
+    dqdz = tl.where(in_range, 0.0, -s)
+    return gx, gq * dqds, gq * dqdz
 
 
 @triton.jit
@@ -244,21 +268,12 @@ def _bwd_kernel(g_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, part_ptr, n_seg, n_part, per
             x_ptr, s_ptr, z_ptr, c, pid_f, per_channel, inner, channels, qmin, qmax, threshold,
             seed_lo, seed_hi, off_lo, off_hi, PER_CHANNEL, GROUPED, WIDE, AS_IS, BLOCK)
         g = tl.load(g_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        e = x - q
-        in_range = (below | above) == 0
-        sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
-        gx = tl.where(in_range, g * (1.0 + delta * sign * e * inv), 0.0)
-        gq = g
-        if lam != 0:  # skipped at 0 so that an infinite x keeps finite gradients
-            gx = gx + lam * e
-            gq = g + lam * (q - x)
-        dqds = tl.where(in_range, (q - x) * inv, tl.where(below, qmin - zi, qmax - zi))
-        dqdz = tl.where(in_range, 0.0, -s)
+        gx, gs, gz = _grads(g, x, q, below, above, s, inv, zi, qmin, qmax, lam, delta)
         tl.store(dx_ptr + i, _cast_out(tl.where(m, gx, g), dx_ptr), mask=valid)
         # Scale partials at [0, n_part), zero-point partials at [n_part, 2 n_part).
         slot = seg + c * n_seg
-        tl.store(part_ptr + slot, _segment_sums(tl.where(m, gq * dqds, 0.0)), mask=seg < n_seg)
-        tl.store(part_ptr + n_part + slot, _segment_sums(tl.where(m, gq * dqdz, 0.0)),
+        tl.store(part_ptr + slot, _run_sums(tl.where(m, gs, 0.0), _SEG), mask=seg < n_seg)
+        tl.store(part_ptr + n_part + slot, _run_sums(tl.where(m, gz, 0.0), _SEG),
                  mask=seg < n_seg)
 
 
@@ -337,9 +352,10 @@ def _dyn_minmax(x, ok):
 
 
 @triton.jit
-def _dyn_store(y_ptr, base, c0, i, ok, x, s, inv, zi, qmin, qmax, threshold, seed_lo, seed_hi,
-               off_lo, off_hi, GROUPED: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
-    """y of one tile: Q(x) where the element's Philox word is under threshold."""
+def _tile_quantize(base, c0, i, ok, x, s, inv, zi, qmin, qmax, threshold, seed_lo, seed_hi,
+                   off_lo, off_hi, GROUPED: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    """Q(x) of one tile, its below / above flags and its mask (the element's
+    Philox word under threshold)."""
     if GROUPED:  # G (so each row's start) and TC multiples of 4: aligned runs of four
         runs = tl.reshape(base[:, None] + (c0 + 4 * tl.arange(0, TC // 4))[None, :],
                           (TR * TC // 4,))
@@ -348,7 +364,15 @@ def _dyn_store(y_ptr, base, c0, i, ok, x, s, inv, zi, qmin, qmax, threshold, see
     else:
         w = _words(i, seed_lo, seed_hi, off_lo, off_hi, False, TR * TC)
     q, below, above = _quantize(x, s, inv, zi, qmin, qmax)
-    m = ((w >> 8) < threshold) & ok
+    return q, below, above, ((w >> 8) < threshold) & ok
+
+
+@triton.jit
+def _dyn_store(y_ptr, base, c0, i, ok, x, s, inv, zi, qmin, qmax, threshold, seed_lo, seed_hi,
+               off_lo, off_hi, GROUPED: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    """y of one tile: m ? Q(x) : x."""
+    q, _, _, m = _tile_quantize(base, c0, i, ok, x, s, inv, zi, qmin, qmax, threshold, seed_lo,
+                                seed_hi, off_lo, off_hi, GROUPED, TR, TC)
     tl.store(y_ptr + i, _cast_out(tl.where(m, q, x), y_ptr), mask=ok)
 
 
@@ -430,6 +454,67 @@ def _dyn_kernel(x_ptr, y_ptr, s_ptr, z_ptr, channels, per_channel, qmin, qmax, d
                       seed_hi, off_lo, off_hi, MAPPING, RECIP, GROUPED, False, 1, BLOCK)
 
 
+# ------------------------------------------------------ learned, whole groups
+# A per-channel layout whose channels are consecutive runs of G elements (x
+# viewed as (channels, G), axis 0: per-group qparams, or per channel along
+# dim 0) with G small: the per-channel grid would give each group a program of
+# BLOCK lanes, mostly idle. These kernels take R = BLOCK // CB groups a
+# program as one [R, CB] tile (the dynamic kernel's), CB = next_pow2(G) but 2
+# at least, and reduce each group's scale and zero-point sums in the program
+# by the fixed tree over its CB columns (padding adds zeros): the bits depend
+# on G only, not on R, the config or the alignment.
+@triton.jit
+def _group_tile(x_ptr, s_ptr, z_ptr, channels, per_channel, qmin, qmax, AS_IS: tl.constexpr,
+                R: tl.constexpr, CB: tl.constexpr):
+    """This program's groups (int64), their flat indices, mask and x (fp32),
+    and their (s, inv, zi) as [R, 1] columns."""
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    row_ok = rows < channels
+    # A padding row's scale is 1: no division by zero on the way.
+    s = tl.load(s_ptr + rows, mask=row_ok, other=1.0)
+    inv, zi = _channel_params(s, tl.load(z_ptr + rows, mask=row_ok, other=0.0), qmin, qmax,
+                              AS_IS)
+    base = rows * per_channel
+    i, ok, x = _dyn_tile(x_ptr, base, row_ok, 0, per_channel, CB)
+    return rows, row_ok, base, i, ok, x, s[:, None], inv[:, None], zi[:, None]
+
+
+@triton.jit(do_not_specialize=_SEED_ARGS)
+def _group_fwd_kernel(x_ptr, y_ptr, s_ptr, z_ptr, channels, per_channel, qmin, qmax, threshold,
+                      seed_lo, seed_hi, off_lo, off_hi, GROUPED: tl.constexpr,
+                      AS_IS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """Groups [pid * R, (pid + 1) * R), R = BLOCK // BLOCK_COLS: y = m ? Q(x) : x."""
+    tl.static_assert(BLOCK % BLOCK_COLS == 0)
+    R: tl.constexpr = BLOCK // BLOCK_COLS
+    _, _, base, i, ok, x, s, inv, zi = _group_tile(x_ptr, s_ptr, z_ptr, channels, per_channel,
+                                                   qmin, qmax, AS_IS, R, BLOCK_COLS)
+    _dyn_store(y_ptr, base, 0, i, ok, x, s, inv, zi, qmin, qmax, threshold, seed_lo, seed_hi,
+               off_lo, off_hi, GROUPED, R, BLOCK_COLS)
+
+
+@triton.jit(do_not_specialize=_SEED_ARGS)
+def _group_bwd_kernel(g_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, channels, per_channel,
+                      qmin, qmax, threshold, seed_lo, seed_hi, off_lo, off_hi, lam, delta,
+                      grad_factor, GROUPED: tl.constexpr, AS_IS: tl.constexpr,
+                      SUMS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """dx of groups [pid * R, (pid + 1) * R), and (SUMS) their ds, dz."""
+    tl.static_assert(BLOCK % BLOCK_COLS == 0)
+    R: tl.constexpr = BLOCK // BLOCK_COLS
+    rows, row_ok, base, i, ok, x, s, inv, zi = _group_tile(
+        x_ptr, s_ptr, z_ptr, channels, per_channel, qmin, qmax, AS_IS, R, BLOCK_COLS)
+    q, below, above, m = _tile_quantize(base, 0, i, ok, x, s, inv, zi, qmin, qmax, threshold,
+                                        seed_lo, seed_hi, off_lo, off_hi, GROUPED, R,
+                                        BLOCK_COLS)
+    g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    gx, gs, gz = _grads(g, x, q, below, above, s, inv, zi, qmin, qmax, lam, delta)
+    tl.store(dx_ptr + i, _cast_out(tl.where(m, gx, g), dx_ptr), mask=ok)
+    if SUMS:  # a row of the tile is one run of BLOCK_COLS of its flat view
+        ds = _run_sums(tl.reshape(tl.where(m, gs, 0.0), (BLOCK,)), BLOCK_COLS)
+        dz = _run_sums(tl.reshape(tl.where(m, gz, 0.0), (BLOCK,)), BLOCK_COLS)
+        tl.store(ds_ptr + rows, grad_factor * ds, mask=row_ok)
+        tl.store(dz_ptr + rows, grad_factor * dz, mask=row_ok)
+
+
 # -------------------------------------------------------------- launchers
 # On a GPU the block size and warps of the fwd/bwd kernels are autotuned per
 # (size, channels). Each config gives a thread 8 elements: 128-bit accesses
@@ -450,6 +535,7 @@ _INTERPRET_BLOCK = 4096
 # Larger ones: one group a program, by chunks of 1024 columns; 256-thread
 # programs of chunks with 64-bit sizes saved registers to the stack around
 # div.rn's slow path (sm_90, triton 3.8's ptxas), so these get 4 warps only.
+# The learned group kernels take the same tiles and configs, for G <= _DYN_CB_MAX.
 _DYN_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4),
                 triton.Config({"BLOCK": 2048}, num_warps=8)]
 _DYN_CHUNKED_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)]
@@ -459,6 +545,10 @@ if not INTERPRET:
     _fwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_fwd_kernel)
     _bwd_kernel = triton.autotune(_CONFIGS, key=["per_channel", "channels"])(_bwd_kernel)
     _dyn_kernel = triton.autotune(_DYN_CONFIGS, key=["channels", "per_channel"])(_dyn_kernel)
+    _group_fwd_kernel = triton.autotune(_DYN_CONFIGS, key=["channels", "per_channel"])(
+        _group_fwd_kernel)
+    _group_bwd_kernel = triton.autotune(_DYN_CONFIGS, key=["channels", "per_channel"])(
+        _group_bwd_kernel)
 
 
 def _launch(kernel, configs, n, channels, args, **flags):
@@ -493,6 +583,17 @@ def _flags(axis, per_channel, inner, as_is):
                 WIDE=axis is not None and per_channel >= 2**31, AS_IS=bool(as_is))
 
 
+def _group_cols(axis, per_channel, inner):
+    """The tile width CB of the group kernels where a channel is one run of
+    per_channel <= _DYN_CB_MAX consecutive elements (inner == per_channel);
+    else 0: the per-channel kernels. CB >= 2: with G = 1 a thread held 8
+    groups, and their 8 calls of div.rn's slow path spilled (sm_80, 64-bit
+    sizes)."""
+    if axis is None or inner != per_channel or per_channel > _DYN_CB_MAX:
+        return 0
+    return max(triton.next_power_of_2(per_channel), 2)
+
+
 def _split(v: int):
     return v & 0xFFFFFFFF, v >> 32
 
@@ -502,7 +603,13 @@ def _fwd(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis, as_is=
     x, scale, zero_point = x.contiguous(), scale.contiguous(), zero_point.contiguous()
     y = torch.empty_like(x)
     per_channel, inner, channels = _layout(x, axis)
-    if x.numel():
+    cb = _group_cols(axis, per_channel, inner)
+    if x.numel() and cb:
+        _launch(_group_fwd_kernel, _DYN_CONFIGS, channels * cb, 1,
+                (x, y, scale, zero_point, channels, per_channel, float(qmin), float(qmax),
+                 threshold, *_split(seed), *_split(offset)),
+                GROUPED=per_channel % 4 == 0, AS_IS=bool(as_is), BLOCK_COLS=cb)
+    elif x.numel():
         _launch(_fwd_kernel, _CONFIGS, per_channel, channels,
                 (x, y, scale, zero_point, per_channel, inner, channels, float(qmin),
                  float(qmax), threshold, *_split(seed), *_split(offset)),
@@ -511,22 +618,32 @@ def _fwd(x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis, as_is=
 
 
 def _bwd(grad, x, scale, zero_point, qmin, qmax, threshold, seed, offset, axis, lam, delta,
-         grad_factor, as_is=False):
+         grad_factor, qparam_grad, as_is=False):
+    """(dx, ds, dz); ds and dz are zeros unless qparam_grad, as the C++ ops give."""
     grad, x = grad.contiguous(), x.contiguous()
     s, z = scale.contiguous(), zero_point.contiguous()
     dx = torch.empty_like(x)
+    ds, dz = s.new_zeros(s.shape), z.new_zeros(z.shape)  # contiguous: the kernel's rows
     per_channel, inner, channels = _layout(x, axis)
-    if x.numel() == 0:
-        return dx, torch.zeros_like(scale), torch.zeros_like(zero_point)
-    n_seg = triton.cdiv(per_channel, _SEG.value)
-    part = torch.empty(2, channels, n_seg, device=x.device, dtype=torch.float32)
-    _launch(_bwd_kernel, _CONFIGS, per_channel, channels,
-            (grad, x, dx, s, z, part, n_seg, channels * n_seg, per_channel, inner, channels,
-             float(qmin), float(qmax), threshold, *_split(seed), *_split(offset), float(lam),
-             float(delta)), **_flags(axis, per_channel, inner, as_is))
-    # The fixed-order second pass: a torch sum over a [channels, segments] view.
-    ds, dz = part.sum(dim=2)
-    return dx, (grad_factor * ds).reshape(scale.shape), (grad_factor * dz).reshape(zero_point.shape)
+    cb = _group_cols(axis, per_channel, inner)
+    if x.numel() and cb:  # ds, dz written by the kernel (SUMS), or left zero
+        _launch(_group_bwd_kernel, _DYN_CONFIGS, channels * cb, 1,
+                (grad, x, dx, s, z, ds, dz, channels, per_channel, float(qmin), float(qmax),
+                 threshold, *_split(seed), *_split(offset), float(lam), float(delta),
+                 float(grad_factor)),
+                GROUPED=per_channel % 4 == 0, AS_IS=bool(as_is), SUMS=bool(qparam_grad),
+                BLOCK_COLS=cb)
+    elif x.numel():
+        n_seg = triton.cdiv(per_channel, _SEG.value)
+        part = torch.empty(2, channels, n_seg, device=x.device, dtype=torch.float32)
+        _launch(_bwd_kernel, _CONFIGS, per_channel, channels,
+                (grad, x, dx, s, z, part, n_seg, channels * n_seg, per_channel, inner, channels,
+                 float(qmin), float(qmax), threshold, *_split(seed), *_split(offset),
+                 float(lam), float(delta)), **_flags(axis, per_channel, inner, as_is))
+        if qparam_grad:  # the fixed-order second pass: a torch sum over [channels, segments]
+            ps, pz = part.sum(dim=2)
+            ds, dz = (grad_factor * ps).reshape(s.shape), (grad_factor * pz).reshape(z.shape)
+    return dx, ds, dz
 
 
 def _mask(out, threshold, seed, offset):
@@ -602,9 +719,8 @@ def _fake_quant_backward_op(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,
                   lam, delta, grad)
-    # The partial sums cost little next to dx, so they are always reduced.
     return _bwd(grad, x, scale, zero_point, quant_min, quant_max, threshold, seed, offset,
-                axis, lam, delta, grad_factor, zero_point_as_is)
+                axis, lam, delta, grad_factor, qparam_grad, zero_point_as_is)
 
 
 @torch.library.custom_op("pege_triton::replacement_mask", mutates_args=())

@@ -11,7 +11,8 @@ from pege_kernels import functional, ops
 from pege_kernels._checks import ratio_to_threshold
 from pege_kernels.reference import philox4x32_10
 
-from conftest import CPU_KERNELS, INTERPRETED, PEGE, backend_devices, fused_backends, qparams, run
+from conftest import (CPU_KERNELS, INTERPRETED, PEGE, TOL, backend_devices, compare,
+                      fused_backends, qparams, run)
 
 HAS_CUDA_BACKEND = "cuda" in fused_backends("cuda")
 needs_cuda_backend = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="needs a GPU and the "
@@ -143,3 +144,41 @@ def test_element_indices_past_2_31(backend, device, axis):
 def test_element_index_windows_small(backend, device, axis):
     """The same check around index 2^16: checks the check on every CPU path."""
     check_windows(backend, device, axis, 1 << 16)
+
+
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNELS, reason="extension not built")
+@pytest.mark.parametrize("qparam_grad", [True, False])
+def test_cpu_backward_with_and_without_qparam_grads(qparam_grad):
+    """The CPU backward over several chunks, per channel, with scale /
+    zero-point sums and without (its dx-only kernel, chunked by size alone):
+    dx, ds, dz as the reference's, no gradient where none was asked."""
+    x = torch.randn(3, 100003, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    s, z = qparams(3, per_channel=True)
+    outs = []
+    for backend in ("reference", "cpu"):
+        xx, ss, zz = (t.clone().requires_grad_(r) for t, r in
+                      ((x, True), (s, qparam_grad), (z, qparam_grad)))
+        y = pk.fake_quantize(xx, ss, zz, -8, 7, axis=0, ratio=0.5, seed=1, offset=2, lam=0.3,
+                             delta=0.2, backend=backend)
+        y.backward(g)
+        outs.append((y.detach(), xx.grad, ss.grad, zz.grad))
+    ref, out = outs
+    assert torch.equal(out[0], ref[0])
+    (atol, rtol), (q_atol, q_rtol) = TOL[torch.float32]
+    torch.testing.assert_close(out[1], ref[1], atol=atol, rtol=rtol)
+    for a, b in zip(out[2:], ref[2:]):
+        assert (a is None) == (b is None) == (not qparam_grad)
+        if qparam_grad:
+            torch.testing.assert_close(a, b, atol=q_atol, rtol=q_rtol)
+
+
+@backend_devices(reference=False)
+def test_per_channel_of_a_1d_tensor(backend, device):
+    """Axis 0 of a 1-D x: each element its own channel, its own scale and
+    zero-point gradient (the reference sums over no dimension)."""
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    s, z = qparams(64, per_channel=True)
+    compare(backend, x.to(device), s.to(device), z.to(device), axis=0, **PEGE)

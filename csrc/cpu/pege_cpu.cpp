@@ -55,10 +55,10 @@ const int kPhiloxIsa = [] {
 #endif
 
 // Chunks are multiples of kTile (so of 4: Philox groups never straddle two).
-// Per channel a chunk holds at least 16 elements per channel on average, so
-// the chunk x channel partials stay below numel / 16 floats.
-int64_t chunk_size(const QuantParams& p) {
-  const int64_t want = std::max<int64_t>(kChunk, 16 * p.channels);
+// With scale / zero-point sums, a chunk holds at least 16 elements per channel
+// on average, so the chunk x channel partials stay below numel / 16 floats.
+int64_t chunk_size(const QuantParams& p, bool sums) {
+  const int64_t want = sums ? std::max<int64_t>(kChunk, 16 * p.channels) : kChunk;
   return (want + kTile - 1) / kTile * kTile;
 }
 
@@ -75,8 +75,12 @@ std::vector<Channel> channels_of(const at::Tensor& scale, const at::Tensor& zero
 // no random numbers: words that compare false / true against any threshold.
 // Otherwise blocks of 64 groups (256 elements, a divisor of kTile, so the
 // buffer holds the overshoot): one AVX-512 call, four AVX2 calls, or four
-// portable calls of W = 16 lanes (more spill on AVX2).
-PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParams& p) {
+// portable calls of W = 16 lanes (more spill on AVX2). Before each block,
+// ahead(b) is called with the block's index: the caller's prefetches of its
+// next tile, spread over the arithmetic so that memory works meanwhile.
+template <class Ahead>
+PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParams& p,
+                       Ahead&& ahead) {
   constexpr int W = 16;
   constexpr int64_t kBlock = 64;
   static_assert(kTile % (4 * kBlock) == 0, "fill_words writes whole blocks");
@@ -93,31 +97,64 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
   // Tiles start at multiples of kTile, so j0 is a multiple of kTile / 4, a
   // divisor of 2^32: all groups of a tile share j's high word (j0 >> 32).
   static_assert((uint64_t{1} << 32) % (kTile / 4) == 0, "a tile never crosses 2^32 in j");
-  const int64_t blocks = (groups + kBlock - 1) / kBlock * kBlock;
+  for (int64_t b = 0; b < groups; b += kBlock) {
+    ahead(b / kBlock);
+    uint32_t* out = words + 4 * b;
 #ifdef PEGE_HAVE_X86_PHILOX
-  if (kPhiloxIsa == 2) return philox_words_avx512(words, j0, blocks, p.seed, p.offset);
-  if (kPhiloxIsa == 1) return philox_words_avx2(words, j0, blocks, p.seed, p.offset);
+    if (kPhiloxIsa == 2) {
+      philox_words_avx512(out, j0 + b, kBlock, p.seed, p.offset);
+      continue;
+    }
+    if (kPhiloxIsa == 1) {
+      philox_words_avx2(out, j0 + b, kBlock, p.seed, p.offset);
+      continue;
+    }
 #endif
-  for (int64_t g = 0; g < blocks; g += W) {
-    Lanes<W> c0, c1, c2, c3;
-    for (int l = 0; l < W; ++l) c0.v[l] = static_cast<uint32_t>(j0 + g + l);
-    philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(j0 >> 32),
-                          static_cast<uint32_t>(p.offset), static_cast<uint32_t>(p.offset >> 32),
-                          static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
-    uint32_t* out = words + 4 * g;
-    for (int l = 0; l < W; ++l) {
-      out[4 * l + 0] = c0.v[l];
-      out[4 * l + 1] = c1.v[l];
-      out[4 * l + 2] = c2.v[l];
-      out[4 * l + 3] = c3.v[l];
+    for (int64_t g = b; g < b + kBlock; g += W) {
+      Lanes<W> c0, c1, c2, c3;
+      for (int l = 0; l < W; ++l) c0.v[l] = static_cast<uint32_t>(j0 + g + l);
+      philox_rounds_uniform(c0, c1, c2, c3, static_cast<uint32_t>(j0 >> 32),
+                            static_cast<uint32_t>(p.offset), static_cast<uint32_t>(p.offset >> 32),
+                            static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
+      uint32_t* o = words + 4 * g;
+      for (int l = 0; l < W; ++l) {
+        o[4 * l + 0] = c0.v[l];
+        o[4 * l + 1] = c1.v[l];
+        o[4 * l + 2] = c2.v[l];
+        o[4 * l + 3] = c3.v[l];
+      }
     }
   }
 }
 
+// A load of p's line into L1 that nothing waits for. An asm statement: C++
+// lets the compiler delete a loop of __builtin_prefetch (no side effects).
+inline void prefetch(const void* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// Prefetches, for fill_words' block b, its share (a quarter) of the tile
+// after [t0, t0 + kTile) of each input in [.., end).
+template <typename T, int kInputs>
+struct Ahead {
+  const T* in[kInputs];
+  int64_t t0, end;
+  PEGE_HD void operator()(int64_t b) const {
+    constexpr int64_t kPart = kTile / 4, kLine = 64 / sizeof(T);
+    const int64_t from = t0 + kTile + b * kPart, to = std::min(end, from + kPart);
+    for (int64_t i = from; i < to; i += kLine)
+      for (int k = 0; k < kInputs; ++k) prefetch(in[k] + i);
+  }
+};
+
 // Calls f(i, len, c) for each maximal run [i, i + len) of channel c inside
 // [t0, t0 + n): one division per tile, none per element.
 template <class F>
-inline void for_each_run(int64_t t0, int64_t n, const QuantParams& p, F&& f) {
+PEGE_HD void for_each_run(int64_t t0, int64_t n, const QuantParams& p, F&& f) {
   const int64_t end = t0 + n;
   int64_t row = t0 / p.inner;
   int64_t c = row % p.channels;
@@ -140,8 +177,9 @@ PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t en
   // two (fake_quant_dynamic's chunks of whole groups) skips the tile's head.
   for (int64_t t0 = begin / kTile * kTile; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0), first = std::max(t0, begin);
-    fill_words(words, t0, n, p);
-    for_each_run(first, t0 + n - first, p, [&](int64_t i, int64_t len, int64_t c) {
+    fill_words(words, t0, n, p, Ahead<T, 1>{{x}, t0, end});
+    for_each_run(first, t0 + n - first, p,
+                 [&](int64_t i, int64_t len, int64_t c) __attribute__((always_inline)) {
       const uint32_t* w = words + (i - t0);
       const Channel chc = ch[c];
       for (int64_t k = 0; k < len; ++k) {
@@ -229,23 +267,24 @@ struct Lanes16 {
   }
 };
 
-// Backward over one chunk; adds its scale / zero-point sums (before
-// grad_factor) to part_s[c], part_z[c]. kLam is p.lam != 0, kDelta p.delta != 0.
-template <typename T, bool kLam, bool kDelta>
+// Backward over one chunk. kSums: adds its scale / zero-point sums (before
+// grad_factor) to part_s[c], part_z[c]; else dx only. kLam is p.lam != 0,
+// kDelta p.delta != 0.
+template <typename T, bool kSums, bool kLam, bool kDelta>
 PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t begin,
                                       int64_t end, const Channel* ch, const QuantParams& p,
                                       float* part_s, float* part_z) {
   const float qmin = p.qmin, qmax = p.qmax, lam = p.lam, delta = p.delta;
   const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
-  alignas(64) float terms_s[kTile], terms_z[kTile];
+  alignas(64) float terms_s[kSums ? kTile : 1], terms_z[kSums ? kTile : 1];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    fill_words(words, t0, n, p);
-    for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) {
+    fill_words(words, t0, n, p, Ahead<T, 2>{{g, x}, t0, end});
+    for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) __attribute__((always_inline)) {
       const uint32_t* w = words + (i - t0);
-      float* ts = terms_s + (i - t0);
-      float* tz = terms_z + (i - t0);
+      float* ts = terms_s + (kSums ? i - t0 : 0);
+      float* tz = terms_z + (kSums ? i - t0 : 0);
       const Channel chc = ch[c];
       // Pass 1: dx and each element's scale / zero-point terms, the latter
       // into L1-resident buffers. Summing in this loop as well would make
@@ -257,26 +296,42 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
             replaced_grad<kLam, kDelta>(gk, xk, quantize(xk, chc, qmin, qmax), chc, lam, delta);
         const bool m = replaced(w[k], thr);
         dx[i + k] = static_cast<T>(m ? gr.gx : gk);
-        ts[k] = m ? gr.gs : 0.0f;
-        tz[k] = m ? gr.gz : 0.0f;
+        if constexpr (kSums) {
+          ts[k] = m ? gr.gs : 0.0f;
+          tz[k] = m ? gr.gz : 0.0f;
+        }
       }
-      // Pass 2: lane l sums the terms k = l (mod kLanes) of the run, a fixed
-      // order that vectorizes without reassociating float sums. Written with
-      // vector types: GCC turns the array form into one scalar chain per lane.
-      Lanes16 ls, lz;
-      int64_t k = 0;
-      for (; k + kLanes <= len; k += kLanes) {
-        ls.add(ts + k);
-        lz.add(tz + k);
+      if constexpr (kSums) {
+        // Pass 2: lane l sums the terms k = l (mod kLanes) of the run, a fixed
+        // order that vectorizes without reassociating float sums. Written with
+        // vector types: GCC turns the array form into one scalar chain per lane.
+        Lanes16 ls, lz;
+        int64_t k = 0;
+        for (; k + kLanes <= len; k += kLanes) {
+          ls.add(ts + k);
+          lz.add(tz + k);
+        }
+        for (; k < len; ++k) {
+          ls.lo[0] += ts[k];
+          lz.lo[0] += tz[k];
+        }
+        part_s[c] += ls.sum();
+        part_z[c] += lz.sum();
       }
-      for (; k < len; ++k) {
-        ls.lo[0] += ts[k];
-        lz.lo[0] += tz[k];
-      }
-      part_s[c] += ls.sum();
-      part_z[c] += lz.sum();
     });
   }
+}
+
+// backward_chunk's instantiation for these flags.
+template <typename T>
+auto pick_backward(bool sums, bool lam, bool delta) {
+  using Chunk = decltype(&backward_chunk<T, true, true, true>);
+  constexpr Chunk table[2][2][2] = {
+      {{backward_chunk<T, false, false, false>, backward_chunk<T, false, false, true>},
+       {backward_chunk<T, false, true, false>, backward_chunk<T, false, true, true>}},
+      {{backward_chunk<T, true, false, false>, backward_chunk<T, true, false, true>},
+       {backward_chunk<T, true, true, false>, backward_chunk<T, true, true, true>}}};
+  return table[sums][lam][delta];
 }
 
 PEGE_MULTIVERSION void mask_chunk(bool* out, int64_t begin, int64_t end,
@@ -284,14 +339,14 @@ PEGE_MULTIVERSION void mask_chunk(bool* out, int64_t begin, int64_t end,
   alignas(64) uint32_t words[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    fill_words(words, t0, n, p);
+    fill_words(words, t0, n, p, [](int64_t) {});
     for (int64_t k = 0; k < n; ++k) out[t0 + k] = replaced(words[k], p.threshold);
   }
 }
 
 template <class F>
-void for_each_chunk(const QuantParams& p, F&& f) {
-  const int64_t size = chunk_size(p);
+void for_each_chunk(const QuantParams& p, bool sums, F&& f) {
+  const int64_t size = chunk_size(p, sums);
   const int64_t chunks = (p.numel + size - 1) / size;
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) f(k, k * size, std::min(p.numel, (k + 1) * size));
@@ -307,7 +362,7 @@ void fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
     T* yp = y.data_ptr<T>();
-    for_each_chunk(p, [&](int64_t, int64_t b, int64_t e) {
+    for_each_chunk(p, false, [&](int64_t, int64_t b, int64_t e) {
       forward_chunk<T>(xp, yp, b, e, ch.data(), p);
     });
   });
@@ -318,19 +373,19 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                              at::Tensor& dx, at::Tensor& dscale, at::Tensor& dzero_point,
                              bool qparam_grad, const QuantParams& p) {
   const auto ch = channels_of(scale, zero_point, p);
-  const int64_t chunks = (p.numel + chunk_size(p) - 1) / chunk_size(p);
+  const int64_t chunks = (p.numel + chunk_size(p, qparam_grad) - 1) / chunk_size(p, qparam_grad);
   // chunk x channel partials, summed over chunks in order afterwards.
-  std::vector<float> part_s(chunks * p.channels, 0.0f), part_z(chunks * p.channels, 0.0f);
+  const size_t parts = qparam_grad ? static_cast<size_t>(chunks * p.channels) : 0;
+  std::vector<float> part_s(parts, 0.0f), part_z(parts, 0.0f);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* gp = grad.data_ptr<T>();
     const T* xp = x.data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
-    const bool lam = p.lam != 0.0f, delta = p.delta != 0.0f;
-    const auto chunk = lam ? (delta ? backward_chunk<T, true, true> : backward_chunk<T, true, false>)
-                           : (delta ? backward_chunk<T, false, true> : backward_chunk<T, false, false>);
-    for_each_chunk(p, [&](int64_t k, int64_t b, int64_t e) {
-      chunk(gp, xp, dxp, b, e, ch.data(), p, &part_s[k * p.channels], &part_z[k * p.channels]);
+    const auto chunk = pick_backward<T>(qparam_grad, p.lam != 0.0f, p.delta != 0.0f);
+    for_each_chunk(p, qparam_grad, [&](int64_t k, int64_t b, int64_t e) {
+      const int64_t at = qparam_grad ? k * p.channels : 0;
+      chunk(gp, xp, dxp, b, e, ch.data(), p, part_s.data() + at, part_z.data() + at);
     });
   });
   if (!qparam_grad) return;
@@ -373,7 +428,7 @@ void replacement_mask_cpu(at::Tensor& mask, const QuantParams& p) {
   QuantParams q = p;
   q.channels = 1;
   q.inner = std::max<int64_t>(p.numel, 1);
-  for_each_chunk(q, [&](int64_t, int64_t b, int64_t e) { mask_chunk(out, b, e, q); });
+  for_each_chunk(q, false, [&](int64_t, int64_t b, int64_t e) { mask_chunk(out, b, e, q); });
 }
 
 }  // namespace pege

@@ -4,7 +4,9 @@ not the compiler).
 
 Compiles every kernel specialization the launchers of pege_kernels/triton_fq.py
 can pick: forward, backward and mask kernels x per-tensor / per-channel
-(grouped or not) x fp32 / fp16 / bf16 x every config the launcher passes
+(grouped or not) / whole groups (channels of G consecutive elements: the group
+kernels, with and without the scale / zero-point sums) x fp32 / fp16 / bf16 x
+every config the launcher passes
 (BLOCK, num_warps), with int arguments 0 (and multiples of 16), 1 (Triton
 makes an int argument equal to 1 a constexpr) and large (64-bit), with the
 launcher's compile options. The launches are not guessed: the launchers run
@@ -57,12 +59,17 @@ BIG = 2**31 + 4  # > int32: sizes become i64 (meta tensors: no memory)
 # Int argument sets: (seed, offset, threshold, x shapes with their axis, on which device).
 # "0": zeros and multiples of 16 (Triton assumes those divisible by 16: the aligned
 # fast path); "1": ones, so Triton turns every specializable int into a constexpr, with
-# a misaligned x; "large": 64-bit sizes, seed and offset halves.
+# a misaligned x; "large": 64-bit sizes, seed and offset halves. Axis 0 of a
+# (channels, G) x with G <= 1024 takes the group kernels: G a power of two
+# (up to a whole BLOCK), G % 4 != 0, G % 4 == 0 but not a power of two, G = 1
+# and 4 (the "1" shapes), and numel or channels past 2^31.
 INT_SETS = {
-    "0": (0, 0, 0, (((64, 32), None), ((16, 32, 16), 1), ((16, 32, 17), 1)), "cpu"),
+    "0": (0, 0, 0, (((64, 32), None), ((16, 32, 16), 1), ((16, 32, 17), 1), ((64, 32), 0),
+                    ((48, 6), 0), ((16, 40), 0), ((4, 1024), 0)), "cpu"),
     "1": (2**32 + 1, 2**32 + 1, 1, (((1,), None), ((1, 4), 0), ((1,), 0)), "misaligned"),
     "large": (2**63 - 1, 2**63 - 1, 1 << 24,
-              (((BIG + 1,), None), ((3, BIG // 4, 4), 0), ((3, BIG + 1), 0)), "meta"),
+              (((BIG + 1,), None), ((3, BIG // 4, 4), 0), ((3, BIG + 1), 0),
+               ((BIG // 32 + 1, 32), 0), ((BIG + 1, 1), 0)), "meta"),
 }
 # fake_quant_dynamic's launches: (seed, offset, threshold, [(shape, group size)],
 # where): groups in one tile (G a power of two, or not; G % 4 != 0), groups by
@@ -111,8 +118,9 @@ def record_launches():
                     # Dynamic qparams (zero points as they are): per-channel launches.
                     for as_is in (False, True) if axis is not None and name == "0" else (False,):
                         triton_fq._fwd(x, s, s, -8, 7, threshold, seed, offset, axis, as_is)
-                        triton_fq._bwd(x, x, s, s, -8, 7, threshold, seed, offset, axis, 0.5,
-                                       0.1, 1.0, as_is)
+                        for qparam_grad in (True, False):
+                            triton_fq._bwd(x, x, s, s, -8, 7, threshold, seed, offset, axis,
+                                           0.5, 0.1, 1.0, qparam_grad, as_is)
                 label = f"mask out=bool{list(shape)} ints={name}"
                 triton_fq._mask(_tensor(shape, torch.bool, "meta" if where == "meta" else "cpu"),
                                 threshold, seed, offset)
