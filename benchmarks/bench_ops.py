@@ -105,7 +105,7 @@ def grouped_methods(mode, backends):
     qmin, qmax, group_size, symmetric = GROUPED[mode]
     out = {}
     for b in backends:
-        for name, kw in (("", PEGE), (", STE settings", dict(ratio=1.0))):
+        for name, kw in (("", PEGE), (" (STE settings)", dict(ratio=1.0))):
             out[f"pege {b} dynamic{name}"] = (
                 lambda x, s, z, b=b, kw=kw: pk.fake_quantize_dynamic(
                     x, qmin, qmax, group_size=group_size, symmetric=symmetric, backend=b, **kw))

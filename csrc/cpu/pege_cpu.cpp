@@ -389,16 +389,19 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
     });
   });
   if (!qparam_grad) return;
+  // Chunk by chunk, each channel's partials in chunk order (rows read in turn).
+  std::vector<double> sum_s(p.channels, 0.0), sum_z(p.channels, 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < p.channels; ++c) {
+      sum_s[c] += part_s[k * p.channels + c];
+      sum_z[c] += part_z[k * p.channels + c];
+    }
+  }
   float* ds = dscale.data_ptr<float>();
   float* dz = dzero_point.data_ptr<float>();
   for (int64_t c = 0; c < p.channels; ++c) {
-    double s = 0.0, z = 0.0;
-    for (int64_t k = 0; k < chunks; ++k) {
-      s += part_s[k * p.channels + c];
-      z += part_z[k * p.channels + c];
-    }
-    ds[c] = static_cast<float>(p.grad_factor * s);
-    dz[c] = static_cast<float>(p.grad_factor * z);
+    ds[c] = static_cast<float>(p.grad_factor * sum_s[c]);
+    dz[c] = static_cast<float>(p.grad_factor * sum_z[c]);
   }
 }
 
