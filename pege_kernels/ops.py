@@ -2,7 +2,7 @@
 fused backend, the op's fake implementation (for torch.compile) and its
 autograd, defined once here. Backend modules hold kernels and launches only.
 
-Every fused backend registers the same three ops under its own namespace
+Every fused backend registers the same four ops under its own namespace
 (pege:: from csrc/pege_ops.cpp for the "cpu" and "cuda" kernels,
 pege_triton:: from triton_fq.py):
 

@@ -3,10 +3,10 @@
 not the compiler).
 
 Compiles every kernel specialization the launchers of pege_kernels/triton_fq.py
-can pick: forward, backward and mask kernels x per-tensor / per-channel
-(grouped or not) / whole groups (channels of G consecutive elements: the group
-kernels, with and without the scale / zero-point sums) x fp32 / fp16 / bf16 x
-every config the launcher passes
+can pick: forward, backward, mask and dynamic kernels x per-tensor /
+per-channel (grouped or not) / whole groups (channels of G consecutive
+elements: the group kernels, with and without the scale / zero-point sums)
+x fp32 / fp16 / bf16 x every config the launcher passes
 (BLOCK, num_warps), with int arguments 0 (and multiples of 16), 1 (Triton
 makes an int argument equal to 1 a constexpr) and large (64-bit), with the
 launcher's compile options. The launches are not guessed: the launchers run
@@ -131,8 +131,8 @@ def record_launches():
                     mapping, turn = turn % 3, turn + 1
                     label = f"dynamic x={str(dtype)[6:]}{list(shape)} G={g} " \
                             f"mapping={mapping} ints={name}"
-                    triton_fq._dynamic(_tensor(shape, dtype, where), -8, 7, threshold, seed,
-                                       offset, g, mapping, 1e-6)
+                    triton_fq._dynamic(_tensor(shape, dtype, where), -8, 7, threshold,
+                                            seed, offset, g, mapping, 1e-6)
     finally:
         triton_fq._launch = real
     return calls
