@@ -182,3 +182,31 @@ def test_per_channel_of_a_1d_tensor(backend, device):
     x = torch.randn(64, generator=torch.Generator().manual_seed(0))
     s, z = qparams(64, per_channel=True)
     compare(backend, x.to(device), s.to(device), z.to(device), axis=0, **PEGE)
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNELS, reason="extension not built")
+@pytest.mark.parametrize("layout", ["per-tensor", "per-channel", "per-group"])
+def test_cpu_qparam_grads_are_the_same_bits_on_any_thread_count(layout):
+    """Over several chunks (chunk x channel partials per tensor and per channel
+    of a middle dimension; chunks of whole groups per group): ds and dz are
+    the same bits on one thread and on two."""
+    shape = {"per-tensor": (300000,), "per-channel": (5, 3, 20000),
+             "per-group": (600, 4096)}[layout]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    kw = {"per-tensor": {}, "per-channel": dict(axis=1), "per-group": dict(group_size=32)}[layout]
+    qshape = {"per-tensor": (1,), "per-channel": (3,), "per-group": (600, 128)}[layout]
+    s, z = torch.full(qshape, 0.05), torch.full(qshape, 1.0)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ss, zz = s.clone().requires_grad_(), z.clone().requires_grad_()
+            y = pk.fake_quantize(x, ss, zz, -8, 7, backend="cpu", **dict(PEGE, **kw))
+            y.backward(g)
+            grads.append((ss.grad, zz.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

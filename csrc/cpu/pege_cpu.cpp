@@ -278,10 +278,12 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
   const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
   alignas(64) float terms_s[kSums ? kTile : 1], terms_z[kSums ? kTile : 1];
-  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-    const int64_t n = std::min(kTile, end - t0);
+  // As in forward_chunk, a begin between two tiles skips the tile's head.
+  for (int64_t t0 = begin / kTile * kTile; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0), first = std::max(t0, begin);
     fill_words(words, t0, n, p, Ahead<T, 2>{{g, x}, t0, end});
-    for_each_run(t0, n, p, [&](int64_t i, int64_t len, int64_t c) __attribute__((always_inline)) {
+    for_each_run(first, t0 + n - first, p,
+                 [&](int64_t i, int64_t len, int64_t c) __attribute__((always_inline)) {
       const uint32_t* w = words + (i - t0);
       float* ts = terms_s + (kSums ? i - t0 : 0);
       float* tz = terms_z + (kSums ? i - t0 : 0);
@@ -345,8 +347,8 @@ PEGE_MULTIVERSION void mask_chunk(bool* out, int64_t begin, int64_t end,
 }
 
 template <class F>
-void for_each_chunk(const QuantParams& p, bool sums, F&& f) {
-  const int64_t size = chunk_size(p, sums);
+void for_each_chunk(const QuantParams& p, F&& f) {
+  const int64_t size = chunk_size(p, false);
   const int64_t chunks = (p.numel + size - 1) / size;
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) f(k, k * size, std::min(p.numel, (k + 1) * size));
@@ -362,7 +364,7 @@ void fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
     T* yp = y.data_ptr<T>();
-    for_each_chunk(p, false, [&](int64_t, int64_t b, int64_t e) {
+    for_each_chunk(p, [&](int64_t, int64_t b, int64_t e) {
       forward_chunk<T>(xp, yp, b, e, ch.data(), p);
     });
   });
@@ -373,9 +375,17 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                              at::Tensor& dx, at::Tensor& dscale, at::Tensor& dzero_point,
                              bool qparam_grad, const QuantParams& p) {
   const auto ch = channels_of(scale, zero_point, p);
-  const int64_t chunks = (p.numel + chunk_size(p, qparam_grad) - 1) / chunk_size(p, qparam_grad);
-  // chunk x channel partials, summed over chunks in order afterwards.
-  const size_t parts = qparam_grad ? static_cast<size_t>(chunks * p.channels) : 0;
+  // Channels that are single runs of at most kChunk elements (per group, per
+  // token, per channel of the first dimension) go in chunks of whole
+  // channels: each channel's sums are made in one chunk, straight into its
+  // slot. Otherwise chunk x channel partials, summed over chunks in order.
+  const bool whole = qparam_grad && p.channels > 1 && p.inner * p.channels == p.numel &&
+                     p.inner <= kChunk;
+  const int64_t per_chunk = std::max<int64_t>(1, kChunk / p.inner);  // channels, if whole
+  const int64_t size = chunk_size(p, qparam_grad);
+  const int64_t chunks = whole ? (p.channels + per_chunk - 1) / per_chunk
+                               : (p.numel + size - 1) / size;
+  const size_t parts = !qparam_grad ? 0 : whole ? p.channels : chunks * p.channels;
   std::vector<float> part_s(parts, 0.0f), part_z(parts, 0.0f);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -383,15 +393,20 @@ void fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
     const T* xp = x.data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
     const auto chunk = pick_backward<T>(qparam_grad, p.lam != 0.0f, p.delta != 0.0f);
-    for_each_chunk(p, qparam_grad, [&](int64_t k, int64_t b, int64_t e) {
-      const int64_t at = qparam_grad ? k * p.channels : 0;
-      chunk(gp, xp, dxp, b, e, ch.data(), p, part_s.data() + at, part_z.data() + at);
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t begin = whole ? k * per_chunk * p.inner : k * size;
+        const int64_t end = std::min(p.numel, whole ? (k + 1) * per_chunk * p.inner
+                                                    : (k + 1) * size);
+        const int64_t at = qparam_grad && !whole ? k * p.channels : 0;
+        chunk(gp, xp, dxp, begin, end, ch.data(), p, part_s.data() + at, part_z.data() + at);
+      }
     });
   });
   if (!qparam_grad) return;
   // Chunk by chunk, each channel's partials in chunk order (rows read in turn).
   std::vector<double> sum_s(p.channels, 0.0), sum_z(p.channels, 0.0);
-  for (int64_t k = 0; k < chunks; ++k) {
+  for (int64_t k = 0; k < (whole ? 1 : chunks); ++k) {
     for (int64_t c = 0; c < p.channels; ++c) {
       sum_s[c] += part_s[k * p.channels + c];
       sum_z[c] += part_z[k * p.channels + c];
@@ -431,7 +446,7 @@ void replacement_mask_cpu(at::Tensor& mask, const QuantParams& p) {
   QuantParams q = p;
   q.channels = 1;
   q.inner = std::max<int64_t>(p.numel, 1);
-  for_each_chunk(q, false, [&](int64_t, int64_t b, int64_t e) { mask_chunk(out, b, e, q); });
+  for_each_chunk(q, [&](int64_t, int64_t b, int64_t e) { mask_chunk(out, b, e, q); });
 }
 
 }  // namespace pege
