@@ -130,8 +130,8 @@ def _mask_kernel(out_ptr, numel, threshold, seed_lo, seed_hi, off_lo, off_hi,
 # program as one [R, CB] tile (triton_math's group tiles, as the dynamic
 # kernel does), CB = next_pow2(G) but 2 at least, and reduce each group's
 # scale and zero-point sums in the program by the fixed tree over its CB
-# columns (padding adds zeros): the bits depend
-# on G only, not on R, the config or the alignment.
+# columns (padding adds zeros): the bits depend on G only, not on R, the
+# config or the alignment.
 @triton.jit
 def _group_tile(x_ptr, s_ptr, z_ptr, channels, per_channel, qmin, qmax, AS_IS: tl.constexpr,
                 R: tl.constexpr, CB: tl.constexpr):
