@@ -74,11 +74,14 @@ def methods(device, mode, backends):
         return grouped_methods(mode, backends)
     axis = None if mode == "per-tensor" else 0
 
-    def pege(backend):
+    def pege(backend, kw=PEGE):
         return lambda x, s, z: pk.fake_quantize(x, s, z, QMIN, QMAX, axis=axis,
-                                                backend=backend, **PEGE)
+                                                backend=backend, **kw)
 
-    out = {f"pege {b}": pege(b) for b in backends}
+    out = {}
+    for b in backends:
+        out[f"pege {b}"] = pege(b)
+        out[f"pege {b} (STE settings)"] = pege(b, dict(ratio=1.0))
     out["reference eager"] = pege("reference")
     out["reference compiled"] = torch.compile(pege("reference"))
     out["STE detach (LSQ)"] = lambda x, s, z: ste_lsq(x, s, z, axis)

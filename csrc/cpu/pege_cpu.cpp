@@ -74,8 +74,8 @@ std::vector<Channel> channels_of(const at::Tensor& scale, const at::Tensor& zero
 // Words of elements [t0, t0 + n); t0 is a multiple of 4. Ratios 0 and 1 need
 // no random numbers: words that compare false / true against any threshold.
 // Otherwise blocks of 64 groups (256 elements, a divisor of kTile, so the
-// buffer holds the overshoot): one AVX-512 call, four AVX2 calls, or four
-// portable calls of W = 16 lanes (more spill on AVX2). Before each block,
+// buffer holds the overshoot): one AVX-512 or AVX2 call, or four portable
+// calls of W = 16 lanes (more spill on AVX2). Before each block,
 // ahead(b) is called with the block's index: the caller's prefetches of its
 // next tile, spread over the arithmetic so that memory works meanwhile.
 template <class Ahead>
