@@ -98,8 +98,8 @@ PEGE_HD auto philox_round(const A& c0, const B& c1, const C& c2, const D& c3, ui
   C hi1, lo1;
   mulhilo32(kPhiloxM0, c0, hi0, lo0);
   mulhilo32(kPhiloxM1, c2, hi1, lo1);
-  auto n0 = hi1 ^ c1 ^ k0;
-  auto n2 = hi0 ^ c3 ^ k1;
+  auto n0 = hi1 ^ (c1 ^ k0);  // c1 ^ k0: off the product's chain, and one op when uniform
+  auto n2 = hi0 ^ (c3 ^ k1);
   return Counter<decltype(n0), C, decltype(n2), A>{n0, lo1, n2, lo0};
 }
 

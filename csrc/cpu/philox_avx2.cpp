@@ -53,37 +53,39 @@ namespace {
 #define PEGE_KEYS_2_TO_9(R) R(0, 64, 128, 192) R(256, 320, 384, 448)
 #define PEGE_KEYS_2_TO_9_PAIRS(R) R(0, 64) R(128, 192) R(256, 320) R(384, 448)
 
+// Four counter words in the low halves of a ymm register's 64-bit lanes,
+// with the operations pege_math.h's philox_round needs: rounds 0 and 1 run
+// through it (its uniform-lane form, as philox_rounds_uniform), rounds 2-9
+// through the asm below.
+struct Wide {
+  __m256i v;
+};
+
+inline __attribute__((always_inline)) void mulhilo32(uint32_t m, Wide a, Wide& hi, Wide& lo) {
+  lo.v = _mm256_mul_epu32(a.v, _mm256_set1_epi32(static_cast<int>(m)));
+  hi.v = _mm256_srli_epi64(lo.v, 32);
+}
+inline __attribute__((always_inline)) Wide operator^(Wide a, Wide b) {
+  return Wide{_mm256_xor_si256(a.v, b.v)};
+}
+inline __attribute__((always_inline)) Wide operator^(Wide a, uint32_t b) {
+  return Wide{_mm256_xor_si256(a.v, _mm256_set1_epi32(static_cast<int>(b)))};
+}
+inline __attribute__((always_inline)) Wide operator^(uint32_t a, Wide b) { return b ^ a; }
+
 struct Set {
   __m256i c0, c1, c2, c3;
 };
 
-// Rounds 0 and 1 of four counters whose c1..c3 are the same in every lane:
-// pege_math.h's philox_rounds_uniform in this layout. Round 0 multiplies
-// the uniform c2 once for all lanes, round 1 the then uniform c0.
-struct FirstRounds {
-  __m256i u3_k1, lo_k, hi0_k, lo0;
-
-  FirstRounds(uint32_t u1, uint32_t u2, uint32_t u3, uint32_t k0, uint32_t k1) {
-    uint32_t hi, lo, hi0, lo0s;
-    mulhilo32(kPhiloxM1, u2, hi, lo);  // round 0: c0 = hi ^ u1 ^ k0, c1 = lo
-    mulhilo32(kPhiloxM0, hi ^ u1 ^ k0, hi0, lo0s);  // round 1's c0 * M0
-    u3_k1 = _mm256_set1_epi32(static_cast<int>(u3 ^ k1));
-    lo_k = _mm256_set1_epi32(static_cast<int>(lo ^ (k0 + kPhiloxW0)));
-    hi0_k = _mm256_set1_epi32(static_cast<int>(hi0 ^ (k1 + kPhiloxW1)));
-    lo0 = _mm256_set1_epi32(static_cast<int>(lo0s));
-  }
-
-  // The counters' c0 (their j's low words) -> their state after round 1;
-  // m0, m1: the multipliers in every lane.
-  inline __attribute__((always_inline)) Set operator()(__m256i c0, __m256i m0,
-                                                       __m256i m1) const {
-    const __m256i p0 = _mm256_mul_epu32(c0, m0);  // round 0's c0 * M0
-    const __m256i c2 = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), u3_k1);
-    const __m256i p1 = _mm256_mul_epu32(c2, m1);  // round 1's c2 * M1
-    return Set{_mm256_xor_si256(_mm256_srli_epi64(p1, 32), lo_k), p1,
-               _mm256_xor_si256(p0, hi0_k), lo0};
-  }
-};
+// The state after rounds 0 and 1 of the counters (c0, u1, u2, u3), c0 in
+// lanes, u1..u3 the same in all: round 0 multiplies the uniform c2 once for
+// all lanes, round 1 the then uniform c0.
+inline __attribute__((always_inline)) Set first_rounds(__m256i c0, uint32_t u1, uint32_t u2,
+                                                       uint32_t u3, uint32_t k0, uint32_t k1) {
+  const auto r0 = philox_round(Wide{c0}, u1, u2, u3, k0, k1);  // c0, c1 uniform now
+  const auto r1 = philox_round(r0.c0, r0.c1, r0.c2, r0.c3, k0 + kPhiloxW0, k1 + kPhiloxW1);
+  return Set{r1.c0.v, r1.c1.v, r1.c2.v, _mm256_set1_epi32(static_cast<int>(r1.c3))};
+}
 
 // The words of a set whose lanes hold the counters j, j + 2, j + 1, j + 3,
 // in element order: groups j and j + 1 in the first 32 bytes, j + 2 and
@@ -106,16 +108,17 @@ void philox_words_avx2(uint32_t* words, uint64_t j0, int64_t groups, uint64_t se
     keys[2 * r - 4] = _mm256_set1_epi32(static_cast<int>(k0 + r * kPhiloxW0));
     keys[2 * r - 3] = _mm256_set1_epi32(static_cast<int>(k1 + r * kPhiloxW1));
   }
-  const FirstRounds first(static_cast<uint32_t>(j0 >> 32), static_cast<uint32_t>(offset),
-                          static_cast<uint32_t>(offset >> 32), k0, k1);
+  const uint32_t u1 = static_cast<uint32_t>(j0 >> 32), u2 = static_cast<uint32_t>(offset),
+                 u3 = static_cast<uint32_t>(offset >> 32);
+  const auto first = [&](__m256i c0) { return first_rounds(c0, u1, u2, u3, k0, k1); };
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   const __m256i lanes = _mm256_setr_epi32(0, 0, 2, 0, 1, 0, 3, 0);  // see store()
   int64_t g = 0;
   for (; g + 12 <= groups; g += 12) {
     const __m256i j = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j0 + g)), lanes);
-    Set x = first(j, m0, m1), y = first(_mm256_add_epi32(j, _mm256_set1_epi32(4)), m0, m1),
-        z = first(_mm256_add_epi32(j, _mm256_set1_epi32(8)), m0, m1);
+    Set x = first(j), y = first(_mm256_add_epi32(j, _mm256_set1_epi32(4))),
+        z = first(_mm256_add_epi32(j, _mm256_set1_epi32(8)));
     __m256i d1, d3;
     asm(PEGE_KEYS_2_TO_9(PEGE_FOUR_ROUNDS)
         : [x0] "+x"(x.c0), [x2] "+x"(x.c2), [a1] "+x"(x.c1), [a3] "+x"(x.c3),
@@ -128,7 +131,7 @@ void philox_words_avx2(uint32_t* words, uint64_t j0, int64_t groups, uint64_t se
     store(z, words + 4 * (g + 8));
   }
   for (; g < groups; g += 4) {  // the last one or two sets, one at a time
-    Set x = first(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j0 + g)), lanes), m0, m1);
+    Set x = first(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j0 + g)), lanes));
     __m256i d1, d3;
     asm(PEGE_KEYS_2_TO_9_PAIRS(PEGE_TWO_ROUNDS)
         : [x0] "+x"(x.c0), [x2] "+x"(x.c2), [a1] "+x"(x.c1), [a3] "+x"(x.c3),
