@@ -155,9 +155,25 @@ PEGE_HD U32x4 mask_words(uint64_t j, uint64_t seed, uint64_t offset) {
                        static_cast<uint32_t>(seed >> 32));
 }
 
+// The element formulas below take F = float, or on the CPU a GCC vector of
+// floats (one element per lane): comparisons then give lane masks, and
+// `m ? a : b` selects per lane for both.
+PEGE_HD int32_t to_signed(uint32_t v) { return static_cast<int32_t>(v); }
+#if !defined(__CUDACC__)
+// A GCC vector of uint32_t as one of int32_t, lanes reinterpreted.
+template <typename U>
+PEGE_HD auto to_signed(U v) {
+  typedef int32_t Signed __attribute__((vector_size(sizeof(U))));
+  return reinterpret_cast<Signed>(v);
+}
+#endif
+
 // m_i = (u_i < T), u_i the top 24 bits of the element's word; T = round(r*2^24).
-PEGE_HD bool replaced(uint32_t word, uint32_t threshold) {
-  return (word >> 8) < threshold;
+// Both sides are below 2^25, so the comparison may be a signed one (a single
+// instruction for x86 vectors). U: uint32_t or a vector of them.
+template <typename U>
+PEGE_HD auto replaced(U word, uint32_t threshold) {
+  return to_signed(word >> 8) < static_cast<int32_t>(threshold);
 }
 
 // ---------------------------------------------------------------- quantizer
@@ -174,6 +190,29 @@ PEGE_HD float round_half_even(float v) {
 #else
   return __builtin_nearbyintf(v);
 #endif
+}
+
+#if !defined(__CUDACC__)
+// The same for a GCC vector of floats, lane by lane (vroundps where the
+// target has it).
+template <typename V>
+PEGE_HD V round_half_even(V v) {
+  for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(float)); ++l)
+    v[l] = __builtin_nearbyintf(v[l]);
+  return v;
+}
+#endif
+
+// v as an F (every lane v). For vectors 0 + v, the form GCC broadcasts once
+// outside a loop; it turns -0.0f into +0.0f, a value no caller passes
+// (qmin, qmax, +-1 and -s, with s > 0 or NaN).
+template <typename F>
+PEGE_HD F splat(float v) {
+  if constexpr (sizeof(F) == sizeof(float)) {
+    return v;
+  } else {
+    return F{} + v;
+  }
 }
 
 // A learned zero point is rounded and clamped; a dynamic one (as_is: an
@@ -255,27 +294,34 @@ PEGE_HD void dynamic_qparams(float lo, float hi, const Dynamic& d, float qmin, f
   z_out = trunc_int32(z);
 }
 
-// Everything the forward and backward need of one element.
-struct Quant {
-  float q;     // (c - zi) * s
-  float c;     // clamp(t, qmin, qmax)
-  bool below;  // t < qmin
-  bool above;  // t > qmax
+// Everything the forward and backward need of one element (of each lane).
+template <typename F>
+struct QuantOf {
+  using Mask = decltype(F{} < F{});
+  F q;         // (c - zi) * s
+  F c;         // clamp(t, qmin, qmax)
+  Mask below;  // t < qmin
+  Mask above;  // t > qmax
 };
+using Quant = QuantOf<float>;
 
 // t = nearbyint(x * inv) + zi. The clamp is written with comparisons, not
 // fminf/fmaxf, so a NaN x stays NaN in q; NaN counts as "in range" (neither
 // below nor above), which makes it propagate into dx and the scale gradient.
-PEGE_HD Quant quantize(float x, Channel ch, float qmin, float qmax) {
-  const float t = round_half_even(x * ch.inv) + ch.zi;
-  const bool below = t < qmin;
-  const bool above = t > qmax;
-  const float c = below ? qmin : (above ? qmax : t);
-  return Quant{(c - ch.zi) * ch.s, c, below, above};
+// `lo > t ? lo : t` keeps t when t is NaN: x86's maxps (and `hi < m ? hi : m`
+// its minps), one instruction each for vectors.
+template <typename F>
+PEGE_HD QuantOf<F> quantize(F x, Channel ch, float qmin, float qmax) {
+  const F t = round_half_even(x * ch.inv) + ch.zi;
+  const F lo = splat<F>(qmin), hi = splat<F>(qmax);
+  const F m = lo > t ? lo : t;
+  const F c = hi < m ? hi : m;
+  return QuantOf<F>{(c - ch.zi) * ch.s, c, t < qmin, t > qmax};
 }
 
-PEGE_HD float sign_of(float g) {
-  return g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : 0.0f);
+template <typename F>
+PEGE_HD F sign_of(F g) {
+  return g > 0.0f ? splat<F>(1.0f) : (g < 0.0f ? splat<F>(-1.0f) : F{});
 }
 
 // The per-element backward of a replaced element (m_i = 1):
@@ -285,11 +331,13 @@ PEGE_HD float sign_of(float g) {
 //                                          the reduction)
 // lam == 0 skips the lam terms entirely, so an infinite x (out of range,
 // x - q = inf) still gives finite gradients, as torch's learnable op does.
-struct Grad {
-  float gx;
-  float gs;  // gq * dq/ds
-  float gz;  // gq * dq/dz
+template <typename F>
+struct GradOf {
+  F gx;
+  F gs;  // gq * dq/ds
+  F gz;  // gq * dq/dz
 };
+using Grad = GradOf<float>;
 
 // kLam is lam != 0 and kDelta is delta != 0, template arguments so that CPU
 // loops are compiled once per case (a select on a run-time flag inside the
@@ -300,30 +348,30 @@ struct Grad {
 // is not finite, which 1 + 0 * (e * inv) reproduces without sign(g).
 // Bools are combined with | and &, never || and &&, which GCC would keep as
 // control flow and then vectorize as bit twiddling.
-template <bool kLam, bool kDelta>
-PEGE_HD Grad replaced_grad(float g, float x, Quant qu, Channel ch, float lam, float delta) {
-  const float e = x - qu.q;
-  const float ein = e * ch.inv;
-  const bool in_range = !(qu.below | qu.above);
+template <bool kLam, bool kDelta, typename F>
+PEGE_HD GradOf<F> replaced_grad(F g, F x, QuantOf<F> qu, Channel ch, float lam, float delta) {
+  const F e = x - qu.q;
+  const F ein = e * ch.inv;
+  const auto out = qu.below | qu.above;  // out of range (NaN counts as in range)
   // Selects only (no branches), so that CPU loops vectorize.
-  const float slope = kDelta ? 1.0f + delta * sign_of(g) * e * ch.inv : 1.0f + 0.0f * ein;
-  const float gx_in = in_range ? g * slope : 0.0f;
-  const float le = lam * e;
-  const float gx = kLam ? gx_in + le : gx_in;
-  const float gq = kLam ? g - le : g;
+  const F slope = kDelta ? 1.0f + delta * sign_of(g) * e * ch.inv : 1.0f + 0.0f * ein;
+  const F gx_in = out ? F{} : g * slope;
+  const F le = lam * e;
+  const F gx = kLam ? gx_in + le : gx_in;
+  const F gq = kLam ? g - le : g;
   // Out of range, c - zi is qmin - zi or qmax - zi.
-  const float dqds = in_range ? -ein : qu.c - ch.zi;
-  const float dqdz = in_range ? 0.0f : -ch.s;
-  return Grad{gx, gq * dqds, gq * dqdz};
+  const F dqds = out ? qu.c - ch.zi : -ein;
+  const F dqdz = out ? splat<F>(-ch.s) : F{};
+  return GradOf<F>{gx, gq * dqds, gq * dqdz};
 }
 
-// The same with lam and delta tested at run time.
+// The same with lam and delta tested at run time (float only).
 PEGE_HD Grad replaced_grad(float g, float x, Quant qu, Channel ch, float lam, float delta) {
   if (lam != 0.0f)
-    return delta != 0.0f ? replaced_grad<true, true>(g, x, qu, ch, lam, delta)
-                         : replaced_grad<true, false>(g, x, qu, ch, lam, delta);
-  return delta != 0.0f ? replaced_grad<false, true>(g, x, qu, ch, lam, delta)
-                       : replaced_grad<false, false>(g, x, qu, ch, lam, delta);
+    return delta != 0.0f ? replaced_grad<true, true, float>(g, x, qu, ch, lam, delta)
+                         : replaced_grad<true, false, float>(g, x, qu, ch, lam, delta);
+  return delta != 0.0f ? replaced_grad<false, true, float>(g, x, qu, ch, lam, delta)
+                       : replaced_grad<false, false, float>(g, x, qu, ch, lam, delta);
 }
 
 }  // namespace pege

@@ -4,8 +4,10 @@
 // count) so the scale/zero-point reduction is the same on 1 or N threads.
 // Inside a chunk, tiles of kTile elements first draw their Philox words
 // (one call per four elements), then walk runs of elements that share a
-// channel. The hot functions are compiled for AVX-512, AVX2 and generic
-// x86-64 and picked at load time (target_clones), so one wheel serves all.
+// channel, eight elements at a time: pege_math.h's formulas on GCC vectors
+// of eight floats, and on float for the rest of a run. The hot functions are
+// compiled for AVX-512, AVX2 and generic x86-64 and picked at load time
+// (target_clones), so one wheel serves all.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -13,6 +15,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../pege_math.h"
@@ -71,27 +74,24 @@ std::vector<Channel> channels_of(const at::Tensor& scale, const at::Tensor& zero
   return ch;
 }
 
-// Words of elements [t0, t0 + n); t0 is a multiple of 4. Ratios 0 and 1 need
-// no random numbers: words that compare false / true against any threshold.
-// Otherwise blocks of 64 groups (256 elements, a divisor of kTile, so the
-// buffer holds the overshoot): one AVX-512 or AVX2 call, or four portable
+// Zero words: with threshold 0 no word is replaced and with 2^24 every word
+// is, whatever its value, so ratios 0 and 1 read these instead of drawing.
+alignas(64) const uint32_t kZeroWords[kTile] = {};
+
+// The words of elements [t0, t0 + n) (t0 a multiple of 4): kZeroWords where
+// the ratio needs no random numbers, else `words`, filled in blocks of 64
+// groups (256 elements, a divisor of kTile, so the buffer holds the
+// overshoot): one AVX-512 or AVX2 call, or four portable
 // calls of W = 16 lanes (more spill on AVX2). Before each block,
 // ahead(b) is called with the block's index: the caller's prefetches of its
 // next tile, spread over the arithmetic so that memory works meanwhile.
 template <class Ahead>
-PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParams& p,
-                       Ahead&& ahead) {
+PEGE_HD const uint32_t* fill_words(uint32_t* words, int64_t t0, int64_t n,
+                                  const QuantParams& p, Ahead&& ahead) {
   constexpr int W = 16;
   constexpr int64_t kBlock = 64;
   static_assert(kTile % (4 * kBlock) == 0, "fill_words writes whole blocks");
-  if (p.threshold == 0) {
-    std::memset(words, 0xFF, n * sizeof(uint32_t));
-    return;
-  }
-  if (p.threshold >= (1u << 24)) {
-    std::memset(words, 0, n * sizeof(uint32_t));
-    return;
-  }
+  if (p.threshold == 0 || p.threshold >= (1u << 24)) return kZeroWords;
   const uint64_t j0 = static_cast<uint64_t>(t0) >> 2;
   const int64_t groups = (n + 3) >> 2;
   // Tiles start at multiples of kTile, so j0 is a multiple of kTile / 4, a
@@ -125,6 +125,7 @@ PEGE_HD void fill_words(uint32_t* words, int64_t t0, int64_t n, const QuantParam
       }
     }
   }
+  return words;
 }
 
 // A load of p's line into L1 that nothing waits for. An asm statement: C++
@@ -166,6 +167,47 @@ PEGE_HD void for_each_run(int64_t t0, int64_t n, const QuantParams& p, F&& f) {
   }
 }
 
+// Eight lanes (one ymm register, or two xmm).
+typedef float Floats8 __attribute__((vector_size(8 * sizeof(float))));
+typedef int Ints8 __attribute__((vector_size(8 * sizeof(int))));
+typedef uint32_t Words8 __attribute__((vector_size(8 * sizeof(uint32_t))));
+constexpr int kVec = 8;
+
+template <typename V, typename E>
+PEGE_HD V load8(const E* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+PEGE_HD void store8(float* p, Floats8 v) { std::memcpy(p, &v, sizeof v); }
+
+// A tile of a tensor of T seen in fp32, at(t0)[i - t0] being element i:
+// fp32 tensors in place, fp16 / bf16 ones through an L1 buffer, converted in
+// loops that GCC vectorizes (eight conversions inside the element loop are
+// not vectorized).
+template <typename T>
+struct Fp32Tile {
+  static constexpr bool kInPlace = std::is_same_v<T, float>;
+  alignas(64) float buf[kInPlace ? 1 : kTile];
+
+  // For reading: elements [first, end) of the tile at t0.
+  const float* load(const T* x, int64_t t0, int64_t first, int64_t end) {
+    if constexpr (kInPlace) return x + t0;
+    for (int64_t i = first; i < end; ++i) buf[i - t0] = static_cast<float>(x[i]);
+    return buf;
+  }
+  // For writing: at(y, t0), then store(y, t0, first, end).
+  float* at(T* y, int64_t t0) {
+    if constexpr (kInPlace) return y + t0;
+    return buf;
+  }
+  void store(T* y, int64_t t0, int64_t first, int64_t end) const {
+    if constexpr (!kInPlace)
+      for (int64_t i = first; i < end; ++i) y[i] = static_cast<T>(buf[i - t0]);
+  }
+};
+
 template <typename T>
 PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t end,
                                      const Channel* ch, const QuantParams& p) {
@@ -173,31 +215,35 @@ PEGE_MULTIVERSION void forward_chunk(const T* x, T* y, int64_t begin, int64_t en
   const float qmin = p.qmin, qmax = p.qmax;
   const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
+  Fp32Tile<T> xt, yt;
   // Tiles start at multiples of kTile (fill_words needs it); a begin between
   // two (fake_quant_dynamic's chunks of whole groups) skips the tile's head.
   for (int64_t t0 = begin / kTile * kTile; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0), first = std::max(t0, begin);
-    fill_words(words, t0, n, p, Ahead<T, 1>{{x}, t0, end});
+    const uint32_t* wt = fill_words(words, t0, n, p, Ahead<T, 1>{{x}, t0, end});
+    const float* xf = xt.load(x, t0, first, t0 + n);
+    float* yf = yt.at(y, t0);
     for_each_run(first, t0 + n - first, p,
                  [&](int64_t i, int64_t len, int64_t c) __attribute__((always_inline)) {
-      const uint32_t* w = words + (i - t0);
+      const uint32_t* w = wt + (i - t0);
+      const float* xr = xf + (i - t0);
+      float* yr = yf + (i - t0);
       const Channel chc = ch[c];
-      for (int64_t k = 0; k < len; ++k) {
-        const float xf = static_cast<float>(x[i + k]);
-        const float q = quantize(xf, chc, qmin, qmax).q;
-        y[i + k] = static_cast<T>(replaced(w[k], thr) ? q : xf);
-      }
+      // y of one element (F = float, w a word) or of eight (F = Floats8).
+      const auto element = [&](auto xv, auto wv) __attribute__((always_inline)) {
+        return replaced(wv, thr) ? quantize(xv, chc, qmin, qmax).q : xv;
+      };
+      int64_t k = 0;
+      for (; k + kVec <= len; k += kVec)
+        store8(yr + k, element(load8<Floats8>(xr + k), load8<Words8>(w + k)));
+      for (; k < len; ++k) yr[k] = element(xr[k], w[k]);
     });
+    yt.store(y, t0, first, t0 + n);
   }
 }
 
-// Eight fp32 lanes (one ymm register, or two xmm).
-typedef float Floats8 __attribute__((vector_size(8 * sizeof(float))));
-
 // Min and max of n elements (NaN when one is NaN, as torch.amin / amax): 8
 // lanes of each, order-free (min and max are exact), NaN tracked apart.
-typedef int Ints8 __attribute__((vector_size(8 * sizeof(int))));
-
 template <typename T>
 PEGE_MULTIVERSION void min_max(const T* x, int64_t n, float& lo, float& hi) {
   constexpr float kInf = __builtin_inff();
@@ -246,14 +292,11 @@ void dynamic_chunk(const T* x, T* y, float* scale, float* zero_point, Channel* c
 
 // kLanes fp32 accumulators as two halves of 8 (one ymm each, or two xmm): a
 // single 16-float vector type would be lowered through the stack on AVX2.
-static_assert(kLanes == 16, "the accumulators are two Floats8");
+static_assert(kLanes == 2 * kVec, "the accumulators are two Floats8");
 struct Lanes16 {
   Floats8 lo = {}, hi = {};  // lanes 0..7, 8..15
 
-  void add(const float* t) {
-    Floats8 a, b;
-    std::memcpy(&a, t, sizeof a);
-    std::memcpy(&b, t + 8, sizeof b);
+  void add(Floats8 a, Floats8 b) {
     lo += a;
     hi += b;
   }
@@ -277,50 +320,60 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
   const float qmin = p.qmin, qmax = p.qmax, lam = p.lam, delta = p.delta;
   const uint32_t thr = p.threshold;
   alignas(64) uint32_t words[kTile];
-  alignas(64) float terms_s[kSums ? kTile : 1], terms_z[kSums ? kTile : 1];
+  Fp32Tile<T> gt, xt, dxt;
   // As in forward_chunk, a begin between two tiles skips the tile's head.
   for (int64_t t0 = begin / kTile * kTile; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0), first = std::max(t0, begin);
-    fill_words(words, t0, n, p, Ahead<T, 2>{{g, x}, t0, end});
+    const uint32_t* wt = fill_words(words, t0, n, p, Ahead<T, 2>{{g, x}, t0, end});
+    const float* gf = gt.load(g, t0, first, t0 + n);
+    const float* xf = xt.load(x, t0, first, t0 + n);
+    float* dxf = dxt.at(dx, t0);
     for_each_run(first, t0 + n - first, p,
                  [&](int64_t i, int64_t len, int64_t c) __attribute__((always_inline)) {
-      const uint32_t* w = words + (i - t0);
-      float* ts = terms_s + (kSums ? i - t0 : 0);
-      float* tz = terms_z + (kSums ? i - t0 : 0);
+      const uint32_t* w = wt + (i - t0);
+      const float *gr = gf + (i - t0), *xr = xf + (i - t0);
+      float* dxr = dxf + (i - t0);
       const Channel chc = ch[c];
-      // Pass 1: dx and each element's scale / zero-point terms, the latter
-      // into L1-resident buffers. Summing in this loop as well would make
-      // GCC keep the sums in memory, a dependency chain through the stack.
-      for (int64_t k = 0; k < len; ++k) {
-        const float gk = static_cast<float>(g[i + k]);
-        const float xk = static_cast<float>(x[i + k]);
-        const Grad gr =
-            replaced_grad<kLam, kDelta>(gk, xk, quantize(xk, chc, qmin, qmax), chc, lam, delta);
-        const bool m = replaced(w[k], thr);
-        dx[i + k] = static_cast<T>(m ? gr.gx : gk);
+      // dx and the scale / zero-point terms of one element (F = float, w a
+      // word) or of eight (F = Floats8).
+      const auto element = [&](auto gv, auto xv, auto wv) __attribute__((always_inline)) {
+        using F = std::decay_t<decltype(gv)>;
+        const auto d =
+            replaced_grad<kLam, kDelta>(gv, xv, quantize(xv, chc, qmin, qmax), chc, lam, delta);
+        const auto m = replaced(wv, thr);
+        return GradOf<F>{m ? d.gx : gv, m ? d.gs : F{}, m ? d.gz : F{}};
+      };
+      // Lane l of (ls, lz) sums the terms k = l (mod kLanes) of the run's
+      // whole blocks of kLanes, lane 0 then the rest in turn: a fixed order
+      // that vectorizes without reassociating float sums.
+      Lanes16 ls, lz;
+      int64_t k = 0;
+      for (; k + kLanes <= len; k += kLanes) {
+        const auto a =
+            element(load8<Floats8>(gr + k), load8<Floats8>(xr + k), load8<Words8>(w + k));
+        const auto b = element(load8<Floats8>(gr + k + kVec), load8<Floats8>(xr + k + kVec),
+                               load8<Words8>(w + k + kVec));
+        store8(dxr + k, a.gx);
+        store8(dxr + k + kVec, b.gx);
         if constexpr (kSums) {
-          ts[k] = m ? gr.gs : 0.0f;
-          tz[k] = m ? gr.gz : 0.0f;
+          ls.add(a.gs, b.gs);
+          lz.add(a.gz, b.gz);
+        }
+      }
+      for (; k < len; ++k) {
+        const auto e = element(gr[k], xr[k], w[k]);
+        dxr[k] = e.gx;
+        if constexpr (kSums) {
+          ls.lo[0] += e.gs;
+          lz.lo[0] += e.gz;
         }
       }
       if constexpr (kSums) {
-        // Pass 2: lane l sums the terms k = l (mod kLanes) of the run, a fixed
-        // order that vectorizes without reassociating float sums. Written with
-        // vector types: GCC turns the array form into one scalar chain per lane.
-        Lanes16 ls, lz;
-        int64_t k = 0;
-        for (; k + kLanes <= len; k += kLanes) {
-          ls.add(ts + k);
-          lz.add(tz + k);
-        }
-        for (; k < len; ++k) {
-          ls.lo[0] += ts[k];
-          lz.lo[0] += tz[k];
-        }
         part_s[c] += ls.sum();
         part_z[c] += lz.sum();
       }
     });
+    dxt.store(dx, t0, first, t0 + n);
   }
 }
 
@@ -341,8 +394,8 @@ PEGE_MULTIVERSION void mask_chunk(bool* out, int64_t begin, int64_t end,
   alignas(64) uint32_t words[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    fill_words(words, t0, n, p, [](int64_t) {});
-    for (int64_t k = 0; k < n; ++k) out[t0 + k] = replaced(words[k], p.threshold);
+    const uint32_t* wt = fill_words(words, t0, n, p, [](int64_t) {});
+    for (int64_t k = 0; k < n; ++k) out[t0 + k] = replaced(wt[k], p.threshold);
   }
 }
 
