@@ -7,7 +7,7 @@ cost of a call. Rows: the forward and the backward (learned per-tensor scale
 and zero point) at STE settings, with the lam term, and at PEGE settings;
 then the Philox words alone (replacement_mask).
 
-    python benchmarks/bench_cpu_inner.py [--rounds 7]
+    python benchmarks/bench_cpu_inner.py [--rounds 15]
 """
 from __future__ import annotations
 
@@ -27,25 +27,23 @@ SETTINGS = [  # (name, threshold = round(ratio * 2^24), lam)
 ]
 
 
-def best_us(f, rounds, calls=200):
-    best = float("inf")
+def per_element_ns(make, rounds, calls=200):
+    """(time(LARGE) - time(SMALL)) / (LARGE - SMALL) in ns, each time the best
+    over rounds that alternate the two sizes."""
+    fs = {n: make(n) for n in (SMALL, LARGE)}
+    best = {n: float("inf") for n in fs}
     for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(calls):
-            f()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best * 1e6
-
-
-def per_element_ns(make, rounds):
-    """(time(LARGE) - time(SMALL)) / (LARGE - SMALL), in ns."""
-    t = {n: best_us(make(n), rounds) for n in (SMALL, LARGE)}
-    return (t[LARGE] - t[SMALL]) * 1e3 / (LARGE - SMALL)
+        for n, f in fs.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            best[n] = min(best[n], (time.perf_counter() - t) / calls)
+    return (best[LARGE] - best[SMALL]) * 1e9 / (LARGE - SMALL)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(1)
     op = torch.ops.pege
