@@ -5,7 +5,9 @@ Calls the raw ops (torch.ops.pege, no autograd and no argument checks) on
 two sizes and reports the difference per element, which cancels the fixed
 cost of a call. Rows: the forward and the backward (learned per-tensor scale
 and zero point) at STE settings, with the lam term, and at PEGE settings;
-then the Philox words alone (replacement_mask).
+then the Philox words alone (replacement_mask), and the time of one call on
+SMALL elements through the public function (argument checks included) and
+through the raw op.
 
     python benchmarks/bench_cpu_inner.py [--rounds 15]
 """
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-import pege_kernels as pk  # noqa: F401  (loads the ops)
+import pege_kernels as pk
 
 SMALL, LARGE = 4096, 16384  # elements; both under glibc's mmap threshold
 QMIN, QMAX = -8, 7
@@ -25,6 +27,16 @@ SETTINGS = [  # (name, threshold = round(ratio * 2^24), lam)
     ("ratio 1, lam 1e-3", 1 << 24, 1e-3),
     ("PEGE settings (ratio 0.5, lam 1e-3)", 1 << 23, 1e-3),
 ]
+
+
+def best_call_us(f, rounds, calls=200):
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            f()
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best * 1e6
 
 
 def per_element_ns(make, rounds, calls=200):
@@ -68,6 +80,12 @@ def main():
     mask = per_element_ns(lambda n: lambda: op.replacement_mask(data[n][0], 1 << 23, 1, 0),
                           args.rounds)
     print(f"\nPhilox words alone (replacement_mask, ratio 0.5): {mask:.3f} ns/element")
+    x = data[SMALL][0]
+    public = best_call_us(lambda: pk.fake_quantize(x, s, z, QMIN, QMAX, ratio=0.5, lam=1e-3,
+                                                   seed=1, offset=0, backend="cpu"), args.rounds)
+    raw = best_call_us(fwd(1 << 23, 1e-3)(SMALL), args.rounds)
+    print(f"one forward call on {SMALL} elements at PEGE settings: {public:.1f} us through "
+          f"pk.fake_quantize, {raw:.1f} us through torch.ops.pege.fake_quant")
     print("one thread, fp32, x and outputs in L2; "
           f"{SMALL} and {LARGE} elements, best of {args.rounds} rounds")
 

@@ -129,12 +129,15 @@ def check_scale_values(scale: torch.Tensor) -> None:
     would cost a host sync. Skipped while torch.compile traces (no data)."""
     if scale.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    scale = scale.detach()  # isfinite on a grad-requiring tensor records an abs
-    bad = ~(torch.isfinite(scale) & (scale > 0))
-    if bool(bad.any()):
-        i = int(bad.reshape(-1).nonzero()[0])
-        raise ValueError(f"scale must be finite and > 0, got {scale.reshape(-1)[i].item()} "
-                         f"at index {i}")
+    values = scale.detach().reshape(-1)  # detach: isfinite would record an abs
+    if values.numel() <= 256:  # a Python loop: cheaper than three tensor ops
+        i = next((i for i, v in enumerate(values.tolist()) if not (math.isfinite(v) and v > 0)),
+                 None)
+    else:
+        ok = torch.isfinite(values) & (values > 0)
+        i = None if bool(ok.all()) else int((~ok).nonzero()[0])
+    if i is not None:
+        raise ValueError(f"scale must be finite and > 0, got {values[i].item()} at index {i}")
 
 
 def check_op_args(x, scale, zero_point, quant_min, quant_max, threshold, seed, offset, axis,

@@ -47,6 +47,16 @@ def test_bad_input(backend, kw, match):
                          args.pop("quant_min"), args.pop("quant_max"), **args)
 
 
+@pytest.mark.parametrize("channels", [6, 300])  # a Python loop up to 256 values, tensor ops above
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_scale_value_located(channels, bad):
+    x = torch.randn(channels, 4)
+    s = torch.full((channels,), 0.1)
+    s[channels - 2] = bad
+    with pytest.raises(ValueError, match=f"finite and > 0, got {bad} at index {channels - 2}"):
+        pk.fake_quantize(x, s, torch.zeros(channels), -8, 7, axis=0)
+
+
 def test_scale_on_other_device_rejected():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
