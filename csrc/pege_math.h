@@ -168,9 +168,10 @@ PEGE_HD auto to_signed(U v) {
 }
 #endif
 
-// m_i = (u_i < T), u_i the top 24 bits of the element's word; T = round(r*2^24).
-// Both sides are below 2^25, so the comparison may be a signed one (a single
-// instruction for x86 vectors). U: uint32_t or a vector of them.
+// m_i = (u_i < T), u_i the top 24 bits of the element's word; T = round(r*2^24)
+// in [0, 2^24] (the op checks it). Both sides are then below 2^31, so the
+// comparison may be a signed one (a single instruction for x86 vectors).
+// U: uint32_t or a vector of them.
 template <typename U>
 PEGE_HD auto replaced(U word, uint32_t threshold) {
   return to_signed(word >> 8) < static_cast<int32_t>(threshold);
@@ -204,8 +205,9 @@ PEGE_HD V round_half_even(V v) {
 #endif
 
 // v as an F (every lane v). For vectors 0 + v, the form GCC broadcasts once
-// outside a loop; it turns -0.0f into +0.0f, a value no caller passes
-// (qmin, qmax, +-1 and -s, with s > 0 or NaN).
+// outside a loop; it turns -0.0f into +0.0f. Callers pass qmin, qmax, +-1
+// and -s: -0.0f only where s is 0 (a dynamic scale, never a learned one), and
+// then only into zero-point terms, which start from +0 when summed.
 template <typename F>
 PEGE_HD F splat(float v) {
   if constexpr (sizeof(F) == sizeof(float)) {
@@ -305,11 +307,11 @@ struct QuantOf {
 };
 using Quant = QuantOf<float>;
 
-// t = nearbyint(x * inv) + zi. The clamp is written with comparisons, not
-// fminf/fmaxf, so a NaN x stays NaN in q; NaN counts as "in range" (neither
-// below nor above), which makes it propagate into dx and the scale gradient.
-// `lo > t ? lo : t` keeps t when t is NaN: x86's maxps (and `hi < m ? hi : m`
-// its minps), one instruction each for vectors.
+// t = nearbyint(x * inv) + zi, qmin < qmax. The clamp is written with
+// comparisons, not fminf/fmaxf, so a NaN x stays NaN in q; NaN counts as
+// "in range" (neither below nor above), which makes it propagate into dx and
+// the scale gradient. `lo > t ? lo : t` keeps t when t is NaN: x86's maxps
+// (and `hi < m ? hi : m` its minps), one instruction each for vectors.
 template <typename F>
 PEGE_HD QuantOf<F> quantize(F x, Channel ch, float qmin, float qmax) {
   const F t = round_half_even(x * ch.inv) + ch.zi;
@@ -346,14 +348,14 @@ using Grad = GradOf<float>;
 // q - x == -(x - q), so gq = g - lam * e and dq/ds = -(e * inv) in range;
 // with delta == 0, 1 + delta * sign(g) * e * inv is 1, or NaN where e * inv
 // is not finite, which 1 + 0 * (e * inv) reproduces without sign(g).
-// Bools are combined with | and &, never || and &&, which GCC would keep as
-// control flow and then vectorize as bit twiddling.
+// Masks (bools, or a vector's lane masks) are combined with |, never ||,
+// which GCC would keep as control flow.
 template <bool kLam, bool kDelta, typename F>
 PEGE_HD GradOf<F> replaced_grad(F g, F x, QuantOf<F> qu, Channel ch, float lam, float delta) {
   const F e = x - qu.q;
   const F ein = e * ch.inv;
   const auto out = qu.below | qu.above;  // out of range (NaN counts as in range)
-  // Selects only (no branches), so that CPU loops vectorize.
+  // Selects only, no branches.
   const F slope = kDelta ? 1.0f + delta * sign_of(g) * e * ch.inv : 1.0f + 0.0f * ein;
   const F gx_in = out ? F{} : g * slope;
   const F le = lam * e;

@@ -4,8 +4,8 @@
 // count) so the scale/zero-point reduction is the same on 1 or N threads.
 // Inside a chunk, tiles of kTile elements first draw their Philox words
 // (one call per four elements), then walk runs of elements that share a
-// channel, eight elements at a time: pege_math.h's formulas on GCC vectors
-// of eight floats, and on float for the rest of a run. The hot functions are
+// channel, eight or sixteen elements at a time: pege_math.h's formulas on
+// GCC vectors of eight floats, and on float for the rest of a run. The hot functions are
 // compiled for AVX-512, AVX2 and generic x86-64 and picked at load time
 // (target_clones), so one wheel serves all.
 #include <ATen/ATen.h>
@@ -182,10 +182,10 @@ PEGE_HD V load8(const E* p) {
 
 PEGE_HD void store8(float* p, Floats8 v) { std::memcpy(p, &v, sizeof v); }
 
-// A tile of a tensor of T seen in fp32, at(t0)[i - t0] being element i:
-// fp32 tensors in place, fp16 / bf16 ones through an L1 buffer, converted in
-// loops that GCC vectorizes (eight conversions inside the element loop are
-// not vectorized).
+// A tile of a tensor of T seen in fp32 (element i at [i - t0] of the pointer
+// load / at return): fp32 tensors in place, fp16 / bf16 ones through an L1
+// buffer, converted in loops that GCC vectorizes (eight conversions inside
+// the element loop are not vectorized).
 template <typename T>
 struct Fp32Tile {
   static constexpr bool kInPlace = std::is_same_v<T, float>;
@@ -344,8 +344,9 @@ PEGE_MULTIVERSION void backward_chunk(const T* g, const T* x, T* dx, int64_t beg
         return GradOf<F>{m ? d.gx : gv, m ? d.gs : F{}, m ? d.gz : F{}};
       };
       // Lane l of (ls, lz) sums the terms k = l (mod kLanes) of the run's
-      // whole blocks of kLanes, lane 0 then the rest in turn: a fixed order
-      // that vectorizes without reassociating float sums.
+      // whole blocks of kLanes; the run's last (fewer than kLanes) terms are
+      // added to lane 0 in order. A fixed order that vectorizes without
+      // reassociating float sums.
       Lanes16 ls, lz;
       int64_t k = 0;
       for (; k + kLanes <= len; k += kLanes) {
