@@ -46,11 +46,8 @@ def per_element_ns(make, rounds, calls=200):
     best = {n: float("inf") for n in fs}
     for _ in range(rounds):
         for n, f in fs.items():
-            t = time.perf_counter()
-            for _ in range(calls):
-                f()
-            best[n] = min(best[n], (time.perf_counter() - t) / calls)
-    return (best[LARGE] - best[SMALL]) * 1e9 / (LARGE - SMALL)
+            best[n] = min(best[n], best_call_us(f, 1, calls))
+    return (best[LARGE] - best[SMALL]) * 1e3 / (LARGE - SMALL)
 
 
 def main():

@@ -5,9 +5,9 @@
 // Inside a chunk, tiles of kTile elements first draw their Philox words
 // (one call per four elements), then walk runs of elements that share a
 // channel, eight or sixteen elements at a time: pege_math.h's formulas on
-// GCC vectors of eight floats, and on float for the rest of a run. The hot functions are
-// compiled for AVX-512, AVX2 and generic x86-64 and picked at load time
-// (target_clones), so one wheel serves all.
+// GCC vectors of eight floats, and on float for the rest of a run. The hot
+// functions are compiled for AVX-512, AVX2 and generic x86-64 and picked at
+// load time (target_clones), so one wheel serves all.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -81,10 +81,10 @@ alignas(64) const uint32_t kZeroWords[kTile] = {};
 // The words of elements [t0, t0 + n) (t0 a multiple of 4): kZeroWords where
 // the ratio needs no random numbers, else `words`, filled in blocks of 64
 // groups (256 elements, a divisor of kTile, so the buffer holds the
-// overshoot): one AVX-512 or AVX2 call, or four portable
-// calls of W = 16 lanes (more spill on AVX2). Before each block,
-// ahead(b) is called with the block's index: the caller's prefetches of its
-// next tile, spread over the arithmetic so that memory works meanwhile.
+// overshoot): one AVX-512 or AVX2 call, or four portable calls of W = 16
+// lanes (more spill on AVX2). Before each block, ahead(b) is called with the
+// block's index: the caller's prefetches of its next tile, spread over the
+// arithmetic so that memory works meanwhile.
 template <class Ahead>
 PEGE_HD const uint32_t* fill_words(uint32_t* words, int64_t t0, int64_t n,
                                   const QuantParams& p, Ahead&& ahead) {
