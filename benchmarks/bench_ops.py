@@ -5,7 +5,10 @@ forward+backward of every method in --rounds interleaved rounds (each figure
 is the best over them; see time_methods), and reports effective
 GB/s = minimal bytes / time (fwd: read x + write y; bwd: read dy + read x +
 write dx) and that as % of a plain copy (x.clone(), which allocates its output
-like the op does) of the same tensor, measured in the same run. Also reports
+like the op does) of the same tensor, measured in the same run. The "copy"
+row also has torch's own ops that move each pass's bytes: fwd x.clone(), bwd
+x + dy (read two, write one), full both, each at memory speed with no
+arithmetic to speak of: the floor a pass of the same bytes meets. Also reports
 the bytes each method saves for backward per element of x. Prints a markdown
 table and writes results.csv, saved_bytes.csv and gbps.png to --out.
 
@@ -167,14 +170,16 @@ def once(fn, device):
 
 class Timed:
     """One method's passes on its own leaf copies of the inputs: "fwd",
-    "bwd" (through a kept graph) and "full" (fwd+bwd); "copy" has fwd only."""
+    "bwd" (through a kept graph) and "full" (fwd+bwd); for "copy", torch ops
+    that move the passes' bytes (x.clone(); x + dy; both)."""
 
     def __init__(self, f, x, dy, s, z, device, copy=False):
         self.device = device
         self.best = {}
         self.error = None
         if copy:
-            self.passes = {"fwd": x.clone}
+            self.passes = {"fwd": x.clone, "bwd": lambda: torch.add(x, dy),
+                           "full": lambda: (x.clone(), torch.add(x, dy))}
             return
         xs, ss, zs = (t.detach().clone().requires_grad_(True) for t in (x, s, z))
         grads = [xs, ss, zs]
@@ -439,12 +444,12 @@ def plot(rows, path, header):
         vals = []
         for g in groups:
             hit = [r for r in rows if (r["mode"], r["dtype"], r["size"]) == g
-                   and r["method"] == m and r["pass_"] == ("fwd" if m == "copy" else "full")]
+                   and r["method"] == m and r["pass_"] == "full"]
             vals.append(hit[0]["gbps"] if hit else 0.0)
         ax.bar([i + j * width for i in range(len(groups))], vals, width, label=m)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
     ax.set_xticklabels(["\n".join(g) for g in groups], fontsize=8)
-    ax.set_ylabel("effective GB/s (fwd+bwd; copy: its own bytes)")
+    ax.set_ylabel("effective GB/s (fwd+bwd)")
     ax.set_title(header, fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -82,7 +82,7 @@ def test_history_rows_are_appended_with_date_commit_and_setup(monkeypatch, tmp_p
     bench_ops.main(args)
     with open(tmp_path / "h.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 * 4  # copy fwd; double fwd, bwd, full: per run
+    assert len(rows) == 2 * 6  # copy and double: fwd, bwd, full; per run
     assert {r["method"] for r in rows} == {"copy", "double"}
     assert all(r["date"] and r["commit"] and "THP_MEM_ALLOC_ENABLE" in r["setup"]
                and "--history" in r["command"] for r in rows)
