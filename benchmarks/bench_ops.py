@@ -6,9 +6,9 @@ is the best over them; see time_methods), and reports effective
 GB/s = minimal bytes / time (fwd: read x + write y; bwd: read dy + read x +
 write dx) and that as % of a plain copy (x.clone(), which allocates its output
 like the op does) of the same tensor, measured in the same run. The "copy"
-row also has torch's own ops that move each pass's bytes: fwd x.clone(), bwd
-x + dy (read two, write one), full both, each at memory speed with no
-arithmetic to speak of: the floor a pass of the same bytes meets. Also reports
+row also times torch's own ops that move each pass's bytes, with fresh
+outputs and no arithmetic to speak of: fwd x.clone(), bwd x + dy (read two,
+write one), full both. Also reports
 the bytes each method saves for backward per element of x. Prints a markdown
 table and writes results.csv, saved_bytes.csv and gbps.png to --out.
 
